@@ -1,0 +1,35 @@
+"""The `bilevel` command line: thin; a subcommand parses, validates and calls the library."""
+
+from __future__ import annotations
+
+import click
+
+from . import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="bilevel")
+def main() -> None:
+    """Gradient-based bilevel programming on PyTorch: hyperparameter optimisation and
+    meta-learning by reverse, forward, truncated and implicit hypergradients."""
+
+
+@main.command()
+def methods() -> None:
+    """List the hypergradient methods and their options."""
+    import inspect
+
+    from .hypergrad import METHODS
+
+    for name, function in METHODS.items():
+        options = [
+            f"{p.name}={p.default!r}" if p.default is not inspect.Parameter.empty else p.name
+            for p in inspect.signature(function).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        ]
+        summary = (function.__doc__ or "").strip().splitlines()[0]
+        click.echo(f"{name:18s} {summary}\n{'':18s} options: {', '.join(options) or 'none'}")
+
+
+if __name__ == "__main__":
+    main()

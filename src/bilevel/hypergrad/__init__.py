@@ -1,0 +1,151 @@
+"""Hypergradients of f_T(lambda) = E(w_T(lambda), lambda): every method behind one call.
+
+Each method is a function with one signature,
+
+    method(problem, init, hparams, steps, **options) -> solution
+
+that runs the inner dynamics and returns a solution with `.params` (w_T) and
+`.vjp(cotangent on w_T) -> (cotangent on hparams, cotangent on w_0 or None)`.
+`hypergradient` adds the outer objective's direct term; `bilevel.solve` wraps
+the same solution as a node of an autograd graph.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .. import validate
+from ..dynamics import Dynamics
+from ..errors import HypergradientError
+from .forward import ForwardSolver, forward
+from .implicit import fixed_point, implicit_cg, implicit_neumann
+from .problem import Init, InnerProblem, Objective, evaluate
+from .reverse import reverse, truncated
+
+METHODS: dict[str, Callable] = {
+    "reverse": reverse,
+    "truncated": truncated,
+    "forward": forward,
+    "implicit-cg": implicit_cg,
+    "implicit-neumann": implicit_neumann,
+    "fixed-point": fixed_point,
+}
+
+__all__ = [
+    "METHODS",
+    "Result",
+    "hypergradient",
+    "prepare",
+    "pull_back",
+    "ForwardSolver",
+    "InnerProblem",
+]
+
+
+@dataclass
+class Result:
+    """What `hypergradient` returns."""
+
+    grads: dict[
+        str, Tensor
+    ]  # d f_T / d lambda (implicit methods: their estimate of d f / d lambda)
+    params: dict[str, Tensor]  # w_T
+    value: float  # f_T(lambda) = E(w_T, lambda)
+    method: str
+    seconds: float
+    info: dict = field(default_factory=dict)  # solver iterations and residuals, where any
+    hparams: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    def backward(self) -> None:
+        """Continue back-propagation from the hyperparameters into whatever computed them.
+
+        Leaf hyperparameters accumulate the hypergradient in `.grad`, as after
+        `loss.backward()`; non-leaf ones (features of a network) pass it upstream.
+        """
+        keys = list(self.hparams)
+        torch.autograd.backward([self.hparams[k] for k in keys], [self.grads[k] for k in keys])
+
+
+def prepare(
+    inner: Objective,
+    params: Init,
+    hparams: Mapping[str, Tensor],
+    dynamics: Dynamics,
+    steps: int,
+    method: str,
+    options: Mapping[str, object],
+    require_grad: bool = True,
+):
+    """Validate a problem; return (InnerProblem, method function)."""
+    validate.objective("inner", inner)
+    if require_grad:
+        validate.hyperparameters(hparams)
+    else:
+        validate.tensor_dict("hparams", hparams)
+    if not isinstance(dynamics, Dynamics):
+        raise TypeError(
+            f"dynamics must be a bilevel.Dynamics such as bilevel.sgd(lr=0.1), got "
+            f"{type(dynamics).__name__}"
+        )
+    validate.steps(steps)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    validate.options(method, METHODS[method], options)
+    start = params(hparams) if callable(params) else params
+    validate.tensor_dict("params" if not callable(params) else "params(hparams)", start)
+    validate.same_kind(start, hparams)
+    return InnerProblem(inner, dynamics, tuple(start)), METHODS[method]
+
+
+def hypergradient(
+    inner: Objective,
+    outer: Objective,
+    params: Init,
+    hparams: Mapping[str, Tensor],
+    dynamics: Dynamics,
+    steps: int,
+    method: str = "reverse",
+    **options,
+) -> Result:
+    """The hypergradient of f_T(lambda) = outer(w_T, lambda) by the chosen method.
+
+    `params` is w_0, or a callable hparams -> w_0 for a learned initialisation.
+    `hparams` are not modified; non-leaf ones stay connected (see Result.backward).
+    """
+    validate.objective("outer", outer)
+    problem, run = prepare(inner, params, hparams, dynamics, steps, method, options)
+    began = time.perf_counter()
+    lam = {k: v.detach().requires_grad_(True) for k, v in hparams.items()}
+    solution = run(problem, params, lam, steps, **options)
+    value, grads = pull_back(outer, solution, lam)
+    return Result(
+        grads=grads,
+        params={k: v.detach() for k, v in solution.params.items()},
+        value=value,
+        method=method,
+        seconds=time.perf_counter() - began,
+        info=dict(getattr(solution, "info", {})),
+        hparams=dict(hparams),
+    )
+
+
+def pull_back(outer: Objective, solution, lam: Mapping[str, Tensor]):
+    """(E(w_T, lambda), its total derivative): the direct term plus the solution's pull-back."""
+    w_T = {k: v.detach().requires_grad_(True) for k, v in solution.params.items()}
+    with torch.enable_grad():
+        value = evaluate("outer", outer, w_T, lam)
+        direct = torch.autograd.grad(value, [*w_T.values(), *lam.values()], allow_unused=True)
+    adjoint = {k: _or_zeros(g, w_T[k]) for k, g in zip(w_T, direct)}
+    pulled, _ = solution.vjp(adjoint)
+    grads = {k: pulled[k] + _or_zeros(g, lam[k]) for k, g in zip(lam, direct[len(w_T) :])}
+    validate.finite("hypergradient", grads, HypergradientError)
+    return float(value.detach()), grads
+
+
+def _or_zeros(grad: Tensor | None, like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if grad is None else grad

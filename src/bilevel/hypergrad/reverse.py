@@ -1,0 +1,128 @@
+"""Reverse mode (RMD): back-propagation through the T inner steps.
+
+One algorithm serves every memory policy. The differentiated window of steps is
+cut into segments; only each segment's start state is stored on the way
+forward, and on the way back each segment is replayed with its graph from that
+start and back-propagated with the incoming adjoint. The last segment keeps the
+graph it was built with, so it is never replayed.
+
+    memory="graph"        one segment: the whole graph is kept (fastest)
+    memory="trajectory"   segments of one step: T states stored, no graph kept
+    memory="checkpoint"   segments of ~sqrt(T) steps: O(sqrt(T)) states + one segment's graph
+
+Truncation (Shaban et al.) is a window: only the last K steps are
+differentiated; the earlier ones run without any graph and w_{T-K} is treated
+as a constant.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from torch import Tensor
+
+from .problem import Flat, Init, InnerProblem, leaves, vjp
+
+MEMORY_POLICIES = ("graph", "trajectory", "checkpoint")
+
+
+def reverse(
+    problem: InnerProblem,
+    init: Init,
+    hparams: Mapping[str, Tensor],
+    steps: int,
+    *,
+    memory: str = "graph",
+    checkpoint_every: int | None = None,
+    window: int | None = None,
+) -> ReverseSolution:
+    """Run the inner steps, storing what `memory` asks, and return a solution to pull back."""
+    if memory not in MEMORY_POLICIES:
+        raise ValueError(f"memory must be one of {MEMORY_POLICIES}, got {memory!r}")
+    window = steps if window is None else _positive_int("window", window)
+    if window > steps:
+        raise ValueError(f"the window (k) must be at most steps={steps}, got {window}")
+    length = _segment_length(memory, window, checkpoint_every)
+
+    z = problem.start(init, hparams)
+    first = steps - window + 1
+    z = problem.run(z, hparams, 1, first - 1)  # outside the window: no graph at all
+    starts: list[tuple[int, Flat]] = []
+    last = first + (window - 1) // length * length  # first step of the last segment
+    z = problem.run(z, hparams, first, last - first, checkpoints=starts, every=length)
+    z_last = leaves(z)
+    z_end = problem.run(z_last, hparams, last, steps - last + 1, graph=True)
+    return ReverseSolution(
+        problem, init, hparams, starts, length, (last, z_last, z_end), full=window == steps
+    )
+
+
+class ReverseSolution:
+    """w_T, and the backward pass over the stored segments."""
+
+    def __init__(self, problem, init, hparams, starts, length, last_segment, full):
+        self.problem, self.init, self.hparams = problem, init, hparams
+        self.starts, self.length, self.last_segment, self.full = starts, length, last_segment, full
+        self.params = problem.params_of(tuple(v.detach() for v in last_segment[2]))
+
+    def vjp(self, adjoint: Mapping[str, Tensor]):
+        """Pull a cotangent on w_T back to (hparams, w_0); w_0's is None when truncated."""
+        problem, hparams = self.problem, self.hparams
+        names, lam = list(hparams), list(hparams.values())
+        _, z_start, z_end = self.last_segment
+        self.last_segment = None  # its graph is freed by this pass
+        alpha = problem.adjoint(adjoint, z_end)
+        alpha, total = _pull(z_end, z_start, lam, alpha)
+        for t, z in reversed(self.starts):
+            z_start = leaves(z)
+            z_end = problem.run(z_start, hparams, t, self.length, graph=True)
+            alpha, grads = _pull(z_end, z_start, lam, alpha)
+            total = [a + b for a, b in zip(total, grads)]
+        if not self.full:
+            return dict(zip(names, total)), None
+        alpha_w0 = problem.params_of(alpha)
+        if callable(self.init):  # learned initialisation: w_0 = Phi_0(lambda)
+            w0 = self.init(hparams)
+            grads = vjp([w0[k] for k in problem.keys], lam, [alpha_w0[k] for k in problem.keys])
+            total = [a + b for a, b in zip(total, grads)]
+        return dict(zip(names, total)), alpha_w0
+
+
+def _pull(z_end: Flat, z_start: Flat, lam: list[Tensor], alpha: Flat):
+    """One segment back: (alpha at its start, its contribution to the hypergradient)."""
+    grads = vjp(z_end, list(z_start) + lam, alpha)
+    return grads[: len(z_start)], list(grads[len(z_start) :])
+
+
+def _segment_length(memory: str, window: int, checkpoint_every: int | None) -> int:
+    if memory == "graph":
+        return window
+    if memory == "trajectory":
+        return 1
+    if checkpoint_every is None:
+        return math.isqrt(window - 1) + 1  # ceil(sqrt(window))
+    return _positive_int("checkpoint_every", checkpoint_every)
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def truncated(
+    problem: InnerProblem,
+    init: Init,
+    hparams: Mapping[str, Tensor],
+    steps: int,
+    *,
+    k: int,
+    memory: str = "graph",
+    checkpoint_every: int | None = None,
+) -> ReverseSolution:
+    """Reverse mode over the last k steps only (k = steps is plain reverse mode)."""
+    _positive_int("k", k)
+    return reverse(
+        problem, init, hparams, steps, memory=memory, checkpoint_every=checkpoint_every, window=k
+    )

@@ -1,0 +1,159 @@
+"""The outer loop: hyper-iterations with any torch.optim optimiser over the hyperparameters.
+
+`HyperOptimizer` restarts (or warm-starts) the inner run every hyper-iteration;
+`RealTimeHyperOptimizer` keeps one inner run going and updates the
+hyperparameters every `every` inner steps from forward-mode tangents (RTHO).
+After each update the constraints are applied by projection, and every
+callback receives the iteration's metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+from . import validate
+from .constraints import project
+from .dynamics import Dynamics
+from .hypergrad import ForwardSolver, hypergradient, prepare, pull_back
+from .hypergrad.problem import Init, Objective
+
+Callback = Callable[[dict], None]
+
+
+class _OuterLoop:
+    def __init__(self, hparams, optimizer, constraints, callbacks):
+        validate.hyperparameters(hparams)
+        for key, tensor in hparams.items():
+            if not tensor.is_leaf:
+                raise ValueError(
+                    f"hparams[{key!r}] is not a leaf tensor: an outer optimiser can only "
+                    "update leaves (use bilevel.solve inside your own loop instead)"
+                )
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer over the hparams, got "
+                f"{type(optimizer).__name__}"
+            )
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [k for k, v in hparams.items() if id(v) not in held]
+        if missing:
+            raise ValueError(f"optimizer does not hold hparams {missing}: pass it hparams.values()")
+        self.hparams, self.optimizer = hparams, optimizer
+        self.constraints = dict(constraints or {})
+        project(hparams, self.constraints)  # start feasible; also checks the keys
+        self.callbacks = list(callbacks)
+        self.history: list[dict] = []
+
+    def _update(self, value: float, grads: Mapping[str, Tensor], extra: dict) -> dict:
+        """One outer step from a hypergradient; returns (and reports) the metrics."""
+        for key, tensor in self.hparams.items():
+            tensor.grad = grads[key].detach().clone()
+        norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())))
+        self.optimizer.step()
+        project(self.hparams, self.constraints)
+        metrics = {
+            "iteration": len(self.history) + 1,
+            "outer_loss": value,
+            "hypergradient_norm": norm,
+            **extra,
+        }
+        self.history.append(metrics)
+        for callback in self.callbacks:
+            callback(metrics)
+        return metrics
+
+    def run(self, iterations: int) -> list[dict]:
+        """`iterations` outer steps; returns their metrics."""
+        validate.steps(iterations)
+        return [self.step() for _ in range(iterations)]
+
+
+class HyperOptimizer(_OuterLoop):
+    """Hyper-iterations: inner run of `steps`, hypergradient by `method`, outer step."""
+
+    def __init__(
+        self,
+        inner: Objective,
+        outer: Objective,
+        params: Init,
+        hparams: Mapping[str, Tensor],
+        dynamics: Dynamics,
+        steps: int,
+        optimizer: torch.optim.Optimizer,
+        *,
+        method: str = "reverse",
+        warm_start: bool = False,
+        constraints: Mapping[str, Callable] | None = None,
+        callbacks: Iterable[Callback] = (),
+        **options,
+    ):
+        super().__init__(hparams, optimizer, constraints, callbacks)
+        if warm_start and callable(params):
+            raise ValueError("warm_start=True needs params as a dict, not a callable of hparams")
+        prepare(inner, params, hparams, dynamics, steps, method, options)  # fail early
+        self.inner, self.outer, self.params = inner, outer, params
+        self.dynamics, self.steps, self.method, self.options = dynamics, steps, method, options
+        self.warm_start = warm_start
+        self.last = None
+
+    def step(self) -> dict:
+        began = time.perf_counter()
+        result = hypergradient(
+            self.inner,
+            self.outer,
+            self.params,
+            self.hparams,
+            self.dynamics,
+            self.steps,
+            self.method,
+            **self.options,
+        )
+        if self.warm_start:
+            self.params = result.params
+        self.last = result
+        return self._update(
+            result.value, result.grads, {"seconds": time.perf_counter() - began, **result.info}
+        )
+
+
+class RealTimeHyperOptimizer(_OuterLoop):
+    """Real-time forward mode: one inner run, an outer update every `every` inner steps."""
+
+    def __init__(
+        self,
+        inner: Objective,
+        outer: Objective,
+        params: Init,
+        hparams: Mapping[str, Tensor],
+        dynamics: Dynamics,
+        every: int,
+        optimizer: torch.optim.Optimizer,
+        *,
+        constraints: Mapping[str, Callable] | None = None,
+        callbacks: Iterable[Callback] = (),
+        vectorize: bool = True,
+    ):
+        super().__init__(hparams, optimizer, constraints, callbacks)
+        validate.objective("outer", outer)
+        self.every = validate.steps(every)
+        problem, _ = prepare(inner, params, hparams, dynamics, every, "forward", {})
+        self.outer = outer
+        self.solver = ForwardSolver(problem, params, hparams, vectorize=vectorize)
+
+    @property
+    def params(self) -> dict[str, Tensor]:
+        return self.solver.params
+
+    def step(self) -> dict:
+        began = time.perf_counter()
+        self.solver.set_hparams(self.hparams)
+        self.solver.advance(self.every)
+        lam = {k: v.detach().requires_grad_(True) for k, v in self.hparams.items()}
+        value, grads = pull_back(self.outer, self.solver, lam)
+        return self._update(
+            value, grads, {"seconds": time.perf_counter() - began, "inner_step": self.solver.t}
+        )

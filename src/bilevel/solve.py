@@ -1,0 +1,91 @@
+"""The engine as a node of an ordinary autograd graph: a differentiable inner solve.
+
+    w_T = bilevel.solve(inner, params, hparams, dynamics, steps, method="reverse")
+    outer(w_T, hparams).backward()   # reaches hparams and everything upstream of them
+
+The forward pass runs the inner dynamics; the backward pass pulls the incoming
+cotangent on w_T back with the chosen method, into the hyperparameters (and
+into w_0 where it requires grad), from where ordinary autograd continues.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from .dynamics import Dynamics
+from .errors import HypergradientError
+from .hypergrad import prepare
+from .hypergrad.problem import Init, Objective
+
+
+def solve(
+    inner: Objective,
+    params: Init,
+    hparams: Mapping[str, Tensor],
+    dynamics: Dynamics,
+    steps: int,
+    method: str = "reverse",
+    **options,
+) -> dict[str, Tensor]:
+    """w_T after `steps` inner steps, differentiable with respect to hparams (and w_0).
+
+    Hyperparameters that do not require grad are constants; when nothing
+    requires grad (say, under torch.no_grad() at meta-test time) the inner run
+    keeps no graph and stores nothing.
+    """
+    problem, run = prepare(
+        inner, params, hparams, dynamics, steps, method, options, require_grad=False
+    )
+    keys, names = list(problem.keys), list(hparams)
+    start = [] if callable(params) else [params[k] for k in keys]
+    tracked = [t for t in (*start, *hparams.values()) if t.requires_grad]
+    if not (torch.is_grad_enabled() and tracked):
+        z = problem.run(problem.start(params, hparams), hparams, 1, steps)
+        return problem.params_of(z)
+    if method == "forward" and any(v.requires_grad for v in start):
+        raise ValueError(
+            "method 'forward' cannot differentiate with respect to params (a d x d Jacobian); "
+            "detach them, pass params as a callable of hparams, or use method='reverse'"
+        )
+    spec = (problem, run, params if callable(params) else None, keys, names, steps, options)
+    outputs = _Solve.apply(spec, *start, *hparams.values())
+    return dict(zip(keys, outputs))
+
+
+class _Solve(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, spec, *tensors):
+        problem, run, init_fn, keys, names, steps, options = spec
+        n = 0 if init_fn is not None else len(keys)
+        init = init_fn or dict(zip(keys, (t.detach() for t in tensors[:n])))
+        lam = {k: t.detach().requires_grad_(True) for k, t in zip(names, tensors[n:])}
+        ctx.solution = run(problem, init, lam, steps, **options)
+        ctx.keys, ctx.names, ctx.n_init = keys, names, n
+        return tuple(ctx.solution.params[k].detach().clone() for k in keys)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *cotangents):
+        if ctx.solution is None:
+            raise RuntimeError(
+                "bilevel.solve: a second backward through one solve is not supported"
+            )
+        params = ctx.solution.params
+        adjoint = {k: _zeros_if_none(c, params[k]) for k, c in zip(ctx.keys, cotangents)}
+        grads, init_grads = ctx.solution.vjp(adjoint)
+        ctx.solution = None  # release the stored trajectory or graph
+        for k, g in grads.items():
+            if not bool(torch.isfinite(g).all()):
+                raise HypergradientError(f"the hypergradient of {k!r} is NaN or infinite")
+        if init_grads is None:
+            init = [None] * ctx.n_init
+        else:
+            init = [init_grads[k] for k in ctx.keys[: ctx.n_init]]
+        return (None, *init, *(grads[k] for k in ctx.names))
+
+
+def _zeros_if_none(grad, like):
+    return torch.zeros_like(like) if grad is None else grad

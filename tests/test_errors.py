@@ -1,0 +1,157 @@
+"""Bad input gets a clear error that names the problem."""
+
+import pytest
+import torch
+
+import bilevel
+
+from .problems import DTYPE, Ridge
+
+
+@pytest.fixture()
+def ridge():
+    return Ridge()
+
+
+def call(ridge, **changes):
+    arguments = dict(
+        inner=ridge.inner,
+        outer=ridge.outer,
+        params=ridge.params(),
+        hparams=ridge.hparams(),
+        dynamics=bilevel.sgd(lr=0.1),
+        steps=5,
+    )
+    arguments.update(changes)
+    return bilevel.hypergradient(**arguments)
+
+
+def test_unknown_method(ridge):
+    with pytest.raises(ValueError, match="unknown method 'backprop'; choose one of reverse"):
+        call(ridge, method="backprop")
+
+
+def test_unknown_option_lists_the_valid_ones(ridge):
+    with pytest.raises(
+        TypeError,
+        match="unknown option 'k' for method 'reverse'; it accepts: "
+        "memory, checkpoint_every, window",
+    ):
+        call(ridge, method="reverse", k=3)
+
+
+def test_missing_required_option(ridge):
+    with pytest.raises(TypeError, match="method 'truncated' needs the option k="):
+        call(ridge, method="truncated")
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"method": "reverse", "memory": "disk"}, "memory must be one of"),
+        (
+            {"method": "reverse", "memory": "checkpoint", "checkpoint_every": 0},
+            "checkpoint_every must",
+        ),
+        ({"method": "truncated", "k": 0}, "k must be an integer >= 1"),
+        ({"method": "truncated", "k": 6}, "at most steps=5"),
+        ({"method": "implicit-cg", "iterations": 0}, "iterations must be an integer >= 1"),
+        ({"method": "implicit-neumann", "alpha": -1.0}, "alpha must be a number > 0"),
+        ({"method": "fixed-point", "tolerance": -1.0}, "tolerance must be a number >= 0"),
+    ],
+)
+def test_bad_option_values(ridge, options, message):
+    with pytest.raises(ValueError, match=message):
+        call(ridge, **options)
+
+
+@pytest.mark.parametrize("steps", [0, -3])
+def test_steps_below_one(ridge, steps):
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        call(ridge, steps=steps)
+
+
+def test_steps_not_an_integer(ridge):
+    with pytest.raises(TypeError, match="steps must be an integer"):
+        call(ridge, steps=2.5)
+
+
+def test_hyperparameter_that_does_not_require_grad(ridge):
+    with pytest.raises(ValueError, match=r"hparams\['gamma'\] does not require grad"):
+        call(ridge, hparams={"gamma": ridge.gamma.detach()})
+
+
+def test_non_scalar_inner_objective(ridge):
+    with pytest.raises(
+        ValueError,
+        match="inner objective must return a scalar, got a tensor "
+        r"of shape \(40,\)",
+    ):
+        call(ridge, inner=lambda p, h: (ridge.X @ p["w"] - ridge.y) ** 2)
+
+
+@pytest.mark.parametrize("method", ["reverse", "forward", "implicit-cg"])
+def test_non_scalar_outer_objective(ridge, method):
+    with pytest.raises(ValueError, match="outer objective must return a scalar"):
+        call(ridge, outer=lambda p, h: p["w"], method=method)
+
+
+def test_objective_that_is_not_callable(ridge):
+    with pytest.raises(TypeError, match="outer must be a callable"):
+        call(ridge, outer=3.0)
+
+
+def test_params_not_a_dict(ridge):
+    with pytest.raises(TypeError, match="params must be a dict of str -> Tensor, got Tensor"):
+        call(ridge, params=torch.zeros(6, dtype=DTYPE))
+
+
+def test_integer_tensor(ridge):
+    with pytest.raises(TypeError, match=r"params\['w'\] must be a floating-point tensor"):
+        call(ridge, params={"w": torch.zeros(6, dtype=torch.long)})
+
+
+def test_mixed_dtypes_are_named(ridge):
+    with pytest.raises(
+        TypeError,
+        match=r"hparams\['gamma'\] is torch.float32 .* but 'w' is "
+        "torch.float64",
+    ):
+        call(ridge, hparams={"gamma": ridge.gamma.detach().float().requires_grad_()})
+
+
+def test_shape_mismatch_between_params_and_the_problem(ridge):
+    with pytest.raises(RuntimeError, match="size mismatch|shape|must match"):
+        call(ridge, params={"w": torch.zeros(5, dtype=DTYPE)})
+
+
+def test_learned_initialisation_with_wrong_keys(ridge):
+    with pytest.raises(
+        KeyError,
+        match="inner objective asked for 'w', which is neither in params "
+        r"\['v'\] nor in hparams \['gamma'\]",
+    ):
+        call(ridge, params=lambda h: {"v": torch.zeros(6, dtype=DTYPE)}, method="reverse")
+
+
+def test_dynamics_of_the_wrong_type(ridge):
+    with pytest.raises(TypeError, match="dynamics must be a bilevel.Dynamics"):
+        call(ridge, dynamics=torch.optim.SGD)
+
+
+@pytest.mark.parametrize("method", ["reverse", "forward", "implicit-cg", "truncated"])
+def test_diverging_inner_run_says_where_and_what_to_do(ridge, method):
+    options = {"k": 3} if method == "truncated" else {}
+    with pytest.raises(
+        bilevel.InnerDivergenceError,
+        match=r"became (inf|nan) at step \d+.*smaller inner learning rate",
+    ):
+        call(ridge, dynamics=bilevel.sgd(lr=50.0), steps=400, method=method, **options)
+
+
+def test_non_finite_hypergradient_is_reported(ridge):
+    def outer(p, h):  # finite value, infinite derivative at the outer's sqrt(0)
+        return (p["w"] * 0).sum().sqrt() + h["gamma"].sum() * 0
+
+    with pytest.raises(bilevel.HypergradientError, match="hypergradient of 'gamma' is NaN"):
+        call(ridge, outer=outer)

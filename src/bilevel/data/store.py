@@ -1,0 +1,233 @@
+"""Where data sets live, and how their files are verified and fetched.
+
+Every file a data set needs is pinned by its sha256. A file that is present is always checked
+before use and never silently replaced; a missing file is downloaded from a list of mirrors,
+resuming a partial download where the server allows it. Only the standard library is used, so
+fetching works wherever the library installs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import re
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+__all__ = [
+    "DataError",
+    "cache_root",
+    "data_root",
+    "download",
+    "ensure_file",
+    "sha256_file",
+]
+
+DATA_ENV = "BILEVEL_DATA"
+CACHE_ENV = "BILEVEL_CACHE"
+USER_AGENT = "bilevel-data/0.1 (+python urllib)"
+_CHUNK = 1 << 20
+
+Progress = Callable[[int, "int | None"], None]  # (bytes done, total or None)
+
+
+class DataError(Exception):
+    """A data file is missing, corrupt, or could not be fetched; the message says what to do."""
+
+
+def _user_cache_dir() -> Path:
+    # platformdirs would do the same; this avoids a dependency for three lines.
+    if sys.platform == "win32" and os.environ.get("LOCALAPPDATA"):
+        return Path(os.environ["LOCALAPPDATA"]) / "bilevel" / "Cache"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "bilevel"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "bilevel"
+
+
+def data_root(data_dir: str | os.PathLike | None = None) -> Path:
+    """Directory holding the raw data sets: the argument, else $BILEVEL_DATA, else the user cache.
+
+    Each data set uses a subdirectory of it (``mnist/``, ...). The directory may be read-only
+    when the files are already there.
+    """
+    if data_dir is not None:
+        return Path(data_dir).expanduser()
+    env = os.environ.get(DATA_ENV)
+    return Path(env).expanduser() if env else _user_cache_dir()
+
+
+def cache_root() -> Path:
+    """Writable directory for derived caches (decoded arrays): $BILEVEL_CACHE, else the user cache.
+
+    Kept apart from :func:`data_root` because a shared data directory is often read-only.
+    """
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else _user_cache_dir()
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = _CHUNK) -> str:
+    """Hex sha256 of a file, read in chunks so memory stays flat for large files."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _part_path(dest: Path) -> Path:
+    return dest.with_suffix(dest.suffix + ".part")
+
+
+def _open(url: str, offset: int, timeout: float) -> http.client.HTTPResponse:
+    headers = {"User-Agent": USER_AGENT}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+
+
+def _resume_offset(resp: http.client.HTTPResponse, offset: int) -> int:
+    """Offset the body starts at: ``offset`` on 206, 0 when the server ignored the Range."""
+    if resp.status != 206:
+        return 0
+    match = re.match(r"bytes (\d+)-", resp.headers.get("Content-Range", ""))
+    if not match or int(match.group(1)) != offset:
+        raise DataError(
+            f"server answered a range request for byte {offset} with an unusable "
+            f"Content-Range {resp.headers.get('Content-Range')!r}"
+        )
+    return offset
+
+
+def _fetch(url: str, part: Path, timeout: float, progress: Progress | None) -> None:
+    """Fetch ``url`` into ``part``, appending to what is already there when the server allows.
+
+    A short body (connection dropped) raises but keeps the part file, so the next attempt resumes.
+    """
+    offset = part.stat().st_size if part.exists() else 0
+    try:
+        resp = _open(url, offset, timeout)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and offset:  # nothing left past `offset`: the part may be complete
+            err.close()
+            return
+        raise
+    with resp:
+        start = _resume_offset(resp, offset)
+        length = resp.headers.get("Content-Length")
+        remaining = int(length) if length is not None else None
+        total = None if remaining is None else start + remaining
+        done = start
+        # Append after a granted range; otherwise the body is the whole file: start afresh.
+        with open(part, "ab" if start else "wb") as f:
+            while chunk := resp.read(_CHUNK):
+                f.write(chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, total)
+    # urllib returns b"" rather than raising when the peer closes early, so check the count.
+    if total is not None and done < total:
+        raise DataError(f"connection closed after {done} of {total} bytes")
+
+
+def _attempt(
+    url: str, part: Path, sha256: str, timeout: float, progress: Progress | None
+) -> str | None:
+    """One try at one mirror: None when ``part`` now holds the verified file, else why not."""
+    try:
+        _fetch(url, part, timeout, progress)
+    except (OSError, http.client.HTTPException, DataError) as err:
+        return _describe(err)  # the part file stays, to be resumed
+    actual = sha256_file(part)
+    if actual == sha256:
+        return None
+    part.unlink()  # a wrong file cannot be resumed into a right one
+    return f"sha256 mismatch (got {actual})"
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, urllib.error.HTTPError):
+        return f"HTTP {err.code} {err.reason}"
+    if isinstance(err, urllib.error.URLError) and isinstance(err.reason, BaseException):
+        err = err.reason  # e.g. ConnectionRefusedError inside the URLError wrapper
+    return f"{type(err).__name__}: {err}"
+
+
+def _manual_hint(dest: Path, sha256: str) -> str:
+    return (
+        f"To install it by hand, download {dest.name} from any mirror and save it as\n"
+        f"  {dest}\n(directory {dest.parent}; expected sha256 {sha256})."
+    )
+
+
+def download(
+    urls: Sequence[str],
+    dest: str | os.PathLike,
+    sha256: str,
+    *,
+    progress: Progress | None = None,
+    timeout: float = 30.0,
+) -> Path:
+    """Download a file from the first mirror that delivers it with the expected sha256.
+
+    Bytes go to ``<dest>.part`` and reach ``dest`` only through an atomic rename after the
+    checksum matched, so ``dest`` is never partial. An interrupted transfer leaves the part file
+    to be resumed with an HTTP Range request (from zero if the server ignores ranges); a
+    checksum mismatch deletes it. ``progress(done, total)`` is called after each chunk (``total``
+    is None when the server does not say). Raises :class:`DataError` listing every mirror's
+    failure when none succeeds.
+    """
+    dest = Path(dest)
+    part = _part_path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    failures = []
+    for url in urls:
+        resumed = part.exists()
+        failure = _attempt(url, part, sha256, timeout, progress)
+        if failure and resumed and not part.exists():
+            # The mismatch may come from stale bytes of an earlier attempt: once more from zero.
+            failure = _attempt(url, part, sha256, timeout, progress)
+        if failure is None:
+            os.replace(part, dest)
+            return dest
+        failures.append(f"  {url}: {failure}")
+    tried = "\n".join(failures) if failures else "  (no mirrors given)"
+    raise DataError(
+        f"could not download {dest.name}; tried:\n{tried}\n{_manual_hint(dest, sha256)}"
+    )
+
+
+_download = download  # `ensure_file` has a parameter named `download`
+
+
+def ensure_file(
+    name: str,
+    directory: str | os.PathLike,
+    sha256: str,
+    urls: Sequence[str],
+    download: bool = True,
+    **download_kwargs,
+) -> Path:
+    """Path of ``directory/name`` after checking its sha256, downloading it first if absent.
+
+    A present file with the wrong checksum raises :class:`DataError` and is left alone: it may be
+    the user's, and silently replacing or using it would hide the problem.
+    """
+    path = Path(directory) / name
+    if path.is_file():
+        actual = sha256_file(path)
+        if actual != sha256:
+            raise DataError(
+                f"{path} is corrupt: sha256 {actual}, expected {sha256}. "
+                "Delete it to download it again, or replace it with a good copy."
+            )
+        return path
+    if not download:
+        raise DataError(
+            f"{name} is missing and downloading is disabled. " + _manual_hint(path, sha256)
+        )
+    return _download(urls, path, sha256, **download_kwargs)

@@ -63,6 +63,7 @@ def test_dynamics_follow_torch_optim(ours, theirs, settings):
         assert relative_error(a[k], b[k].detach()) < 1e-12, k
 
 
+@pytest.mark.filterwarnings("ignore::bilevel.SolverWarning")  # 20 steps: far from a fixed point
 @pytest.mark.parametrize("method", ["reverse", "forward", "fixed-point"])
 def test_adam_hypergradient_is_finite_when_gradient_entries_are_exactly_zero(method):
     """A parameter the inner loss never touches has gradient exactly 0 at every step."""

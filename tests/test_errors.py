@@ -155,3 +155,10 @@ def test_non_finite_hypergradient_is_reported(ridge):
 
     with pytest.raises(bilevel.HypergradientError, match="hypergradient of 'gamma' is NaN"):
         call(ridge, outer=outer)
+
+
+@pytest.mark.parametrize("method", ["implicit-cg", "implicit-neumann", "fixed-point"])
+def test_unconverged_implicit_solve_warns(ridge, method):
+    with pytest.warns(bilevel.SolverWarning, match="stopped after 1 iterations"):
+        result = call(ridge, method=method, iterations=1, steps=50)
+    assert result.info["converged"] is False and result.info["iterations"] == 1

@@ -138,10 +138,10 @@ def test_solve_node_gives_the_same_hypergradient(ridge):
 
 def test_memory_policies_store_what_they_promise(ridge):
     """Trajectory stores every state, checkpoints about sqrt(T); graph none (one segment)."""
-    from bilevel.hypergrad.problem import InnerProblem
+    from bilevel.hypergrad.problem import InnerProblem, with_step
     from bilevel.hypergrad.reverse import reverse
 
-    problem = InnerProblem(ridge.inner, bilevel.sgd(lr=LR), ("w",))
+    problem = InnerProblem(with_step(ridge.inner), bilevel.sgd(lr=LR), ("w",))
     lam = {"gamma": ridge.gamma.detach().requires_grad_(True)}
     counts = {
         memory: len(reverse(problem, ridge.params(), lam, T, memory=memory).starts)

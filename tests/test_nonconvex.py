@@ -43,3 +43,20 @@ def test_implicit_methods_match_finite_differences_at_convergence(mlp, method):
     )
     assert report.passed(1e-5), str(report)
     assert abs(float(report.analytic[0])) < 1e-6  # lr does not change the minimiser
+
+
+@pytest.mark.parametrize("method,options", UNROLLED)
+def test_minibatch_objective_chosen_by_step_number(mlp, method, options):
+    """inner(params, hparams, t): each step sees batch t mod 3, replays included."""
+    batches = mlp.x.reshape(3, 8, 3), mlp.y.reshape(3, 8, 1)
+
+    def inner(p, h, t):
+        x, y = batches[0][t % 3], batches[1][t % 3]
+        return ((mlp.predict(p, x) - y) ** 2).mean()
+
+    steps = 30
+    options = {"k": steps} if method == "truncated" else options
+    report = bilevel.check(
+        inner, mlp.outer, mlp.w0, mlp.hparams(), mlp.dynamics("momentum"), steps, method, **options
+    )
+    assert report.passed(1e-7), str(report)

@@ -10,7 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from . import constraints
 from .check import CheckReport, check
 from .dynamics import Dynamics, adam, nesterov, sgd
-from .errors import BilevelError, HypergradientError, InnerDivergenceError
+from .errors import BilevelError, HypergradientError, InnerDivergenceError, SolverWarning
 from .hypergrad import METHODS, Result, hypergradient
 from .nn import functional
 from .outer import HyperOptimizer, RealTimeHyperOptimizer
@@ -30,6 +30,7 @@ __all__ = [
     "HypergradientError",
     "InnerDivergenceError",
     "RealTimeHyperOptimizer",
+    "SolverWarning",
     "Result",
     "adam",
     "check",

@@ -11,3 +11,7 @@ class InnerDivergenceError(BilevelError, FloatingPointError):
 
 class HypergradientError(BilevelError, FloatingPointError):
     """A hypergradient came out NaN or infinite."""
+
+
+class SolverWarning(UserWarning):
+    """An implicit method's linear solve stopped before reaching its tolerance."""

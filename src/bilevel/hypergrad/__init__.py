@@ -24,7 +24,7 @@ from ..dynamics import Dynamics
 from ..errors import HypergradientError
 from .forward import ForwardSolver, forward
 from .implicit import fixed_point, implicit_cg, implicit_neumann
-from .problem import Init, InnerProblem, Objective, evaluate
+from .problem import Init, InnerProblem, Objective, evaluate, with_step
 from .reverse import reverse, truncated
 
 METHODS: dict[str, Callable] = {
@@ -99,7 +99,7 @@ def prepare(
     start = params(hparams) if callable(params) else params
     validate.tensor_dict("params" if not callable(params) else "params(hparams)", start)
     validate.same_kind(start, hparams)
-    return InnerProblem(inner, dynamics, tuple(start)), METHODS[method]
+    return InnerProblem(with_step(inner), dynamics, tuple(start)), METHODS[method]
 
 
 def hypergradient(

@@ -109,7 +109,7 @@ class ForwardSolver:
 def _functional_step(problem: InnerProblem, z, hparams, t: int):
     params, state = problem.unpack(z)
 
-    grads, loss = grad_and_value(lambda p: evaluate("inner", problem.inner, p, hparams))(params)
+    grads, loss = grad_and_value(lambda p: evaluate("inner", problem.inner, p, hparams, t))(params)
     new_params, new_state = problem.dynamics.step(params, state, grads, hparams, t)
     return problem.pack(new_params, new_state), loss
 

@@ -14,11 +14,13 @@ Hessian-vector product per iteration, and O(d) memory whatever T is.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
+from ..errors import SolverWarning
 from . import linear
 from .problem import Init, InnerProblem, leaves, vjp
 
@@ -98,6 +100,14 @@ class ImplicitSolution:
 
     def vjp(self, adjoint: Mapping[str, Tensor]):
         grads, self.info = self.pull(self, adjoint)
+        if not self.info["converged"]:
+            warnings.warn(
+                f"the implicit linear solve stopped after {self.info['iterations']} iterations at "
+                f"relative residual {self.info['residual']:.1e}: the hypergradient is inexact. "
+                "Raise `iterations`, or run the inner problem closer to its minimum (more steps).",
+                SolverWarning,
+                stacklevel=2,
+            )
         return dict(zip(self.hparams, grads)), None
 
 
@@ -107,7 +117,7 @@ def _pull_stationary(solve):
         lam = list(hparams.values())
         params = {k: v.detach().requires_grad_(True) for k, v in solution.params.items()}
         w = [params[k] for k in problem.keys]
-        _, grads = problem.gradients(params, hparams, create_graph=True)
+        _, grads = problem.gradients(params, hparams, solution.steps, create_graph=True)
         with torch.enable_grad():
             g = problem.dynamics.stationarity(params, grads, hparams)
         g = [g[k] for k in problem.keys]

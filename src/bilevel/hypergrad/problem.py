@@ -7,6 +7,7 @@ these tuples so that autograd and torch.func see plain sequences of tensors.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -23,9 +24,13 @@ Init = Params | Callable[[Mapping[str, Tensor]], Params]
 
 @dataclass(frozen=True)
 class InnerProblem:
-    """An inner objective L(w, lambda) optimised by `dynamics` over parameters named `keys`."""
+    """An inner objective L(w, lambda, t) optimised by `dynamics` over parameters named `keys`.
 
-    inner: Objective
+    `inner` here always takes the step number t (1..T) as a third argument, so that
+    minibatch objectives can pick their batch by t (see `with_step`).
+    """
+
+    inner: Callable[[Params, Mapping[str, Tensor], int], Tensor]
     dynamics: Dynamics
     keys: tuple[str, ...]
 
@@ -58,10 +63,10 @@ class InnerProblem:
         )
 
     # -- one step -------------------------------------------------------------------
-    def gradients(self, params: Params, hparams, create_graph: bool) -> tuple[Tensor, Params]:
+    def gradients(self, params: Params, hparams, t: int, create_graph: bool):
         """L and dL/dw by autograd; parameters the objective ignores get zeros."""
         with torch.enable_grad():
-            loss = evaluate("inner", self.inner, params, hparams)
+            loss = evaluate("inner", self.inner, params, hparams, t)
             values = [params[k] for k in self.keys]
             grads = torch.autograd.grad(loss, values, create_graph=create_graph, allow_unused=True)
         grads = {
@@ -72,7 +77,7 @@ class InnerProblem:
     def step(self, z: Sequence[Tensor], hparams, t: int) -> tuple[Flat, Tensor]:
         """Phi_t with its autograd graph: z's tensors must require grad or be in a graph."""
         params, state = self.unpack(z)
-        loss, grads = self.gradients(params, hparams, create_graph=True)
+        loss, grads = self.gradients(params, hparams, t, create_graph=True)
         with torch.enable_grad():
             new_params, new_state = self.dynamics.step(params, state, grads, hparams, t)
         return self.pack(new_params, new_state), loss
@@ -81,7 +86,7 @@ class InnerProblem:
         """Phi_t without any graph: the cheapest step, for the parts nobody differentiates."""
         params, state = self.unpack(z)
         leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        loss, grads = self.gradients(leaves, hparams, create_graph=False)
+        loss, grads = self.gradients(leaves, hparams, t, create_graph=False)
         with torch.no_grad():
             new_params, new_state = self.dynamics.step(params, state, grads, hparams, t)
         return self.pack(new_params, new_state), loss.detach()
@@ -140,10 +145,32 @@ def vjp(outputs: Sequence[Tensor], inputs: Sequence[Tensor], cotangents: Sequenc
     return tuple(result)
 
 
-def evaluate(which: str, objective: Objective, params, hparams) -> Tensor:
-    """objective(params, hparams), checked to be a scalar; a missing key is explained."""
+def with_step(inner: Callable) -> Callable[[Params, Mapping[str, Tensor], int], Tensor]:
+    """The inner objective as a function of (params, hparams, t).
+
+    Users write `inner(params, hparams)`, or `inner(params, hparams, t)` when the
+    objective changes with the step (a minibatch chosen by t). It must be a pure
+    function of t: reverse mode replays steps and must see the same batch again.
+    """
     try:
-        value = objective(params, hparams)
+        signature = inspect.signature(inner)
+    except (TypeError, ValueError):  # some builtins and C callables have no signature
+        return lambda params, hparams, t: inner(params, hparams)
+    kinds = [p.kind for p in signature.parameters.values()]
+    positional = [
+        k
+        for k in kinds
+        if k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    if len(positional) >= 3 or inspect.Parameter.VAR_POSITIONAL in kinds:
+        return inner
+    return lambda params, hparams, t: inner(params, hparams)
+
+
+def evaluate(which: str, objective: Callable, params, hparams, *step) -> Tensor:
+    """objective(params, hparams[, t]), checked to be a scalar; a missing key is explained."""
+    try:
+        value = objective(params, hparams, *step)
     except KeyError as error:
         key = error.args[0] if error.args else None
         if isinstance(key, str) and key not in params and key not in hparams:

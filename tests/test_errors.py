@@ -162,3 +162,85 @@ def test_unconverged_implicit_solve_warns(ridge, method):
     with pytest.warns(bilevel.SolverWarning, match="stopped after 1 iterations"):
         result = call(ridge, method=method, iterations=1, steps=50)
     assert result.info["converged"] is False and result.info["iterations"] == 1
+
+
+def test_params_that_require_grad_are_refused_by_hypergradient(ridge):
+    w0 = torch.zeros(6, dtype=DTYPE, requires_grad=True)
+    with pytest.raises(ValueError, match=r"params\['w'\] requires grad.*params=lambda h"):
+        call(ridge, params={"w": w0})
+
+
+def test_a_reverse_solution_is_pulled_back_once(ridge):
+    from bilevel.hypergrad.problem import InnerProblem, with_step
+    from bilevel.hypergrad.reverse import reverse
+
+    problem = InnerProblem(with_step(ridge.inner), bilevel.sgd(lr=0.1), ("w",))
+    lam = {"gamma": ridge.gamma.detach().requires_grad_(True)}
+    solution = reverse(problem, ridge.params(), lam, 5)
+    solution.vjp({"w": torch.ones(6, dtype=DTYPE)})
+    with pytest.raises(RuntimeError, match="pulled back once"):
+        solution.vjp({"w": torch.ones(6, dtype=DTYPE)})
+
+
+def test_setting_that_broadcasts_to_another_shape_is_named(ridge):
+    lr = torch.full((6, 1), 0.1, dtype=DTYPE)
+    with pytest.raises(ValueError, match=r"changed the shape of 'w' from \(6,\) to \(6, 6\)"):
+        call(ridge, dynamics=bilevel.sgd(lr=lambda h: lr))
+
+
+def test_setting_that_reads_a_missing_hyperparameter_is_named(ridge):
+    with pytest.raises(KeyError, match="lr setting asked for hyperparameter 'log_lr'"):
+        call(ridge, dynamics=bilevel.sgd(lr=lambda h: h["log_lr"].exp()))
+
+
+def test_per_group_setting_with_a_key_that_is_not_a_parameter(ridge):
+    with pytest.raises(KeyError, match=r"per-group weight_decay setting has keys \['W'\]"):
+        call(ridge, dynamics=bilevel.sgd(lr=0.1, weight_decay=lambda h: {"w": 0.1, "W": 0.2}))
+
+
+def test_objectives_without_a_graph_are_explained(ridge):
+    with pytest.raises(ValueError, match="outer objective depends neither on params"):
+        call(ridge, outer=lambda p, h: torch.tensor(1.0, dtype=DTYPE))
+    with pytest.raises(ValueError, match="inner objective does not depend on params"):
+        call(ridge, inner=lambda p, h: ridge.inner(p, h).detach())
+
+
+def test_inference_mode_is_explained(ridge):
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="use torch.no_grad"):
+        bilevel.solve(ridge.inner, ridge.params(), ridge.hparams(), bilevel.sgd(lr=0.1), 3)
+
+
+@pytest.mark.parametrize(
+    "options,error,message",
+    [
+        ({"method": "reverse", "checkpoint_every": 3}, ValueError, "applies to memory='check"),
+        ({"method": "forward", "vectorize": "no"}, TypeError, "vectorize must be True or False"),
+        (
+            {"method": "implicit-neumann", "dynamics": bilevel.adam(lr=0.1)},
+            ValueError,
+            "needs alpha=... with adam",
+        ),
+    ],
+)
+def test_option_misuse_is_named(ridge, options, error, message):
+    with pytest.raises(error, match=message):
+        call(ridge, **options)
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda: bilevel.adam(lr=0.1, betas=(0.9, 1.0)), r"betas\[1\] must be < 1.0"),
+        (lambda: bilevel.adam(lr=0.1, betas=0.9), "betas must be a pair"),
+        (lambda: bilevel.sgd(lr=0.1, momentum=1.5), "momentum must be < 1.0"),
+    ],
+)
+def test_settings_out_of_range(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_numpy_integer_steps_are_accepted(ridge):
+    import numpy as np
+
+    assert call(ridge, steps=np.int64(3)).value > 0

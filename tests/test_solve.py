@@ -192,3 +192,28 @@ def test_any_module_with_batch_norm_as_the_inner_model(method):
     report = bilevel.check(inner, outer, params, h, bilevel.sgd(lr=0.05, momentum=0.9), 10, method)
     assert report.passed(1e-7), str(report)
     assert torch.equal(model[1].running_mean, running_mean)  # the module is left as it was
+
+
+@pytest.mark.parametrize("method,options", ALL_METHODS)
+def test_learned_initialisation_through_the_solve_node(method, options):
+    """The solve node's backward runs without grad mode: Phi_0 must still be differentiated."""
+    x = torch.randn(12, 3, dtype=DTYPE)
+    w0 = torch.randn(3, dtype=DTYPE)
+
+    def inner(p, h):
+        return ((torch.tanh(x @ p["w"]) - 1.0) ** 2).mean()
+
+    def f(w0_value):
+        h = {"w0": w0_value}
+        options_ = {"k": 20} if method == "truncated" else options
+        w = bilevel.solve(
+            inner, lambda h: {"w": 2.0 * h["w0"]}, h, bilevel.sgd(lr=0.3), 20, method, **options_
+        )
+        return (w["w"] ** 2).sum()
+
+    leaf = w0.clone().requires_grad_(True)
+    f(leaf).backward()
+    numeric = torch.stack(
+        [(f(w0 + 1e-6 * e) - f(w0 - 1e-6 * e)) / 2e-6 for e in torch.eye(3, dtype=DTYPE)]
+    )
+    assert relative_error(leaf.grad, numeric) < 1e-7

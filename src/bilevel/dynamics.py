@@ -47,33 +47,52 @@ class Dynamics:
 
     def learning_rates(self, hparams: Mapping[str, Tensor]) -> Callable[[str], Tensor | float]:
         """The step size of each parameter under `hparams` (the Neumann solver uses it)."""
-        return resolve(self.lr, hparams)
+        return resolve(self.lr, hparams, "lr")
 
     def stationarity(self, params: Params, grads: Params, hparams) -> Params:
         """The map whose zero is a fixed point of the dynamics: dL/dw plus any weight decay."""
         return self.regularize(params, grads, hparams)
 
 
-def resolve(setting: Setting, hparams: Mapping[str, Tensor]) -> Callable[[str], Tensor | float]:
-    """Evaluate a setting once per step; return its value for each parameter name."""
-    if not callable(setting):
-        return lambda name: setting
-    value = setting(hparams)
-    if not isinstance(value, Mapping):
-        return lambda name: value
+def resolve(
+    setting: Setting, hparams: Mapping[str, Tensor], name: str = "setting", keys=None
+) -> Callable[[str], Tensor | float]:
+    """Evaluate a setting once per step; return its value for each parameter name.
 
-    def per_group(name: str):
-        if name not in value:
+    `name` (lr, momentum, ...) and the parameter `keys` only serve error messages.
+    """
+    if not callable(setting):
+        return lambda key: setting
+    try:
+        value = setting(hparams)
+    except KeyError as error:
+        missing = error.args[0] if error.args else None
+        if isinstance(missing, str) and missing not in hparams:
             raise KeyError(
-                f"a per-group setting returned keys {sorted(value)} but has no value for "
-                f"parameter {name!r}"
+                f"the {name} setting asked for hyperparameter {missing!r}, which is not in "
+                f"hparams {sorted(hparams)}"
+            ) from error
+        raise
+    if not isinstance(value, Mapping):
+        return lambda key: value
+    if keys is not None and set(value) - set(keys):
+        raise KeyError(
+            f"the per-group {name} setting has keys {sorted(set(value) - set(keys))} that are "
+            f"not parameters; the parameters are {sorted(keys)}"
+        )
+
+    def per_group(key: str):
+        if key not in value:
+            raise KeyError(
+                f"the per-group {name} setting returned keys {sorted(value)} but has no value "
+                f"for parameter {key!r}"
             )
-        return value[name]
+        return value[key]
 
     return per_group
 
 
-def _check_float(label: str, value: Setting, low: float = 0.0) -> None:
+def _check_float(label: str, value: Setting, low: float = 0.0, below: float | None = None):
     if callable(value):
         return
     if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -82,6 +101,8 @@ def _check_float(label: str, value: Setting, low: float = 0.0) -> None:
         )
     if value < low:
         raise ValueError(f"{label} must be >= {low}, got {value}")
+    if below is not None and value >= below:
+        raise ValueError(f"{label} must be < {below}, got {value}")
 
 
 def _zeros_like(params: Params) -> Params:
@@ -94,7 +115,7 @@ def _weight_decay(weight_decay: Setting):
         return lambda params, grads, hparams: grads
 
     def regularize(params: Params, grads: Params, hparams) -> Params:
-        wd = resolve(weight_decay, hparams)
+        wd = resolve(weight_decay, hparams, "weight_decay", params.keys())
         return {k: g + wd(k) * params[k] for k, g in grads.items()}
 
     return regularize
@@ -112,7 +133,7 @@ def sgd(
     (Nesterov: w = w - lr (g + mu v)).
     """
     _check_float("lr", lr)
-    _check_float("momentum", momentum)
+    _check_float("momentum", momentum, below=1.0)
     _check_float("weight_decay", weight_decay)
     regularize = _weight_decay(weight_decay)
     plain = not callable(momentum) and momentum == 0
@@ -123,14 +144,15 @@ def sgd(
 
         def step(params, state, grads, hparams, t):
             grads = regularize(params, grads, hparams)
-            rate = resolve(lr, hparams)
+            rate = resolve(lr, hparams, "lr", params.keys())
             return {k: w - rate(k) * grads[k] for k, w in params.items()}, state
 
         return Dynamics("sgd", lambda params: (), step, lr, (), regularize)
 
     def step_momentum(params, state, grads, hparams, t):
         grads = regularize(params, grads, hparams)
-        rate, mu = resolve(lr, hparams), resolve(momentum, hparams)
+        rate = resolve(lr, hparams, "lr", params.keys())
+        mu = resolve(momentum, hparams, "momentum", params.keys())
         (velocity,) = state
         new_params, new_velocity = {}, {}
         for k, w in params.items():
@@ -170,18 +192,20 @@ def adam(
 ) -> Dynamics:
     """Adam with bias correction and coupled L2 weight decay, differentiable everywhere."""
     _check_float("lr", lr)
-    if len(betas) != 2:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    _check_float("betas[0]", betas[0])
-    _check_float("betas[1]", betas[1])
+    _check_float("betas[0]", betas[0], below=1.0)
+    _check_float("betas[1]", betas[1], below=1.0)
     _check_float("eps", eps)
     _check_float("weight_decay", weight_decay)
     regularize = _weight_decay(weight_decay)
 
     def step(params, state, grads, hparams, t):
         grads = regularize(params, grads, hparams)
-        rate, epsilon = resolve(lr, hparams), resolve(eps, hparams)
-        beta1, beta2 = resolve(betas[0], hparams), resolve(betas[1], hparams)
+        keys = params.keys()
+        rate, epsilon = resolve(lr, hparams, "lr", keys), resolve(eps, hparams, "eps", keys)
+        beta1 = resolve(betas[0], hparams, "betas[0]", keys)
+        beta2 = resolve(betas[1], hparams, "betas[1]", keys)
         first, second = state
         new_params, new_first, new_second = {}, {}, {}
         for k, w in params.items():

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from . import validate
 from .dynamics import Dynamics
 from .errors import HypergradientError
 from .hypergrad import prepare
@@ -74,18 +75,12 @@ class _Solve(torch.autograd.Function):
                 "bilevel.solve: a second backward through one solve is not supported"
             )
         params = ctx.solution.params
-        adjoint = {k: _zeros_if_none(c, params[k]) for k, c in zip(ctx.keys, cotangents)}
+        adjoint = {k: validate.zeros_if_none(c, params[k]) for k, c in zip(ctx.keys, cotangents)}
         grads, init_grads = ctx.solution.vjp(adjoint)
         ctx.solution = None  # release the stored trajectory or graph
-        for k, g in grads.items():
-            if not bool(torch.isfinite(g).all()):
-                raise HypergradientError(f"the hypergradient of {k!r} is NaN or infinite")
+        validate.finite("hypergradient", grads, HypergradientError)
         if init_grads is None:
             init = [None] * ctx.n_init
         else:
             init = [init_grads[k] for k in ctx.keys[: ctx.n_init]]
         return (None, *init, *(grads[k] for k in ctx.names))
-
-
-def _zeros_if_none(grad, like):
-    return torch.zeros_like(like) if grad is None else grad

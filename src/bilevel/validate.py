@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import operator
 from collections.abc import Callable, Mapping
 
 import torch
@@ -72,12 +73,38 @@ def same_structure(
             )
 
 
+def positive_int(name: str, value) -> int:
+    """An integer >= 1 (numpy integers too; bools and floats are refused)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer >= 1, got {value!r}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer >= 1, got {value!r}") from None
+    if number < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {number}")
+    return number
+
+
 def steps(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"steps must be an integer >= 1, got {value!r}")
-    if value < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {value}")
+    return positive_int("steps", value)
+
+
+def boolean(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
     return value
+
+
+def non_negative(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    return float(value)
+
+
+def zeros_if_none(grad: Tensor | None, like: Tensor) -> Tensor:
+    """Autograd's None (no path) as the zero it means."""
+    return torch.zeros_like(like) if grad is None else grad
 
 
 def options(method: str, function: Callable, given: Mapping[str, object]) -> None:

@@ -93,10 +93,19 @@ def prepare(
             f"{type(dynamics).__name__}"
         )
     validate.steps(steps)
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "bilevel needs autograd for the inner gradients, which torch.inference_mode() "
+            "disables; use torch.no_grad() instead"
+        )
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     validate.options(method, METHODS[method], options)
-    start = params(hparams) if callable(params) else params
+    if callable(params):
+        with torch.no_grad():  # only to learn the keys: stay out of the user's graph
+            start = params({k: v.detach() for k, v in hparams.items()})
+    else:
+        start = params
     validate.tensor_dict("params" if not callable(params) else "params(hparams)", start)
     validate.same_kind(start, hparams)
     return InnerProblem(with_step(inner), dynamics, tuple(start)), METHODS[method]
@@ -119,6 +128,14 @@ def hypergradient(
     """
     validate.objective("outer", outer)
     problem, run = prepare(inner, params, hparams, dynamics, steps, method, options)
+    if not callable(params):
+        for key, tensor in params.items():
+            if tensor.requires_grad:
+                raise ValueError(
+                    f"params[{key!r}] requires grad, but hypergradient() treats w_0 as a "
+                    "constant: for a learned initialisation pass params=lambda h: {...} (a "
+                    "function of hparams), or use bilevel.solve; else pass it detached"
+                )
     began = time.perf_counter()
     lam = {k: v.detach().requires_grad_(True) for k, v in hparams.items()}
     solution = run(problem, params, lam, steps, **options)
@@ -139,13 +156,15 @@ def pull_back(outer: Objective, solution, lam: Mapping[str, Tensor]):
     w_T = {k: v.detach().requires_grad_(True) for k, v in solution.params.items()}
     with torch.enable_grad():
         value = evaluate("outer", outer, w_T, lam)
+        if not value.requires_grad:
+            raise ValueError(
+                "the outer objective depends neither on params nor on hparams (its value has "
+                "no autograd graph): did it detach, or go through .item() or numpy?"
+            )
         direct = torch.autograd.grad(value, [*w_T.values(), *lam.values()], allow_unused=True)
-    adjoint = {k: _or_zeros(g, w_T[k]) for k, g in zip(w_T, direct)}
+    adjoint = {k: validate.zeros_if_none(g, w_T[k]) for k, g in zip(w_T, direct)}
     pulled, _ = solution.vjp(adjoint)
-    grads = {k: pulled[k] + _or_zeros(g, lam[k]) for k, g in zip(lam, direct[len(w_T) :])}
+    direct_lam = direct[len(w_T) :]
+    grads = {k: pulled[k] + validate.zeros_if_none(g, lam[k]) for k, g in zip(lam, direct_lam)}
     validate.finite("hypergradient", grads, HypergradientError)
     return float(value.detach()), grads
-
-
-def _or_zeros(grad: Tensor | None, like: Tensor) -> Tensor:
-    return torch.zeros_like(like) if grad is None else grad

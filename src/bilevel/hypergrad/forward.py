@@ -16,7 +16,16 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value, jvp, vmap
 
-from .problem import Flat, Init, InnerProblem, check_finite_run, detach, evaluate
+from .. import validate
+from .problem import (
+    Flat,
+    Init,
+    InnerProblem,
+    check_finite_run,
+    check_shapes,
+    detach,
+    evaluate,
+)
 
 
 def forward(
@@ -37,7 +46,7 @@ class ForwardSolver:
     """The inner state and its tangents with respect to every scalar hyperparameter."""
 
     def __init__(self, problem: InnerProblem, init: Init, hparams, *, vectorize: bool = True):
-        self.problem, self.vectorize = problem, vectorize
+        self.problem, self.vectorize = problem, validate.boolean("vectorize", vectorize)
         self.hparams = detach(hparams)
         self.basis = _basis(self.hparams)
         self.z = problem.start(init, self.hparams)
@@ -72,7 +81,9 @@ class ForwardSolver:
         losses = []
         for _ in range(count):
             self.t += 1
-            self.z, self.tangents, loss = self._step(self.t)
+            z, self.tangents, loss = self._step(self.t)
+            check_shapes(self.problem.keys, self.z, z)
+            self.z = z
             losses.append(loss.detach())
         if losses:
             check_finite_run(torch.stack(losses), self.z, self.t - count + 1)

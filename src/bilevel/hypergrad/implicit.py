@@ -20,6 +20,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from .. import validate
 from ..errors import SolverWarning
 from . import linear
 from .problem import Init, InnerProblem, leaves, vjp
@@ -55,6 +56,11 @@ def implicit_neumann(
     """As implicit-cg with a Neumann series; `alpha` defaults to the inner learning rate."""
     if alpha is not None and not (isinstance(alpha, (int, float)) and alpha > 0):
         raise ValueError(f"alpha must be a number > 0, got {alpha!r}")
+    if alpha is None and problem.dynamics.name != "sgd":
+        raise ValueError(
+            f"implicit-neumann needs alpha=... with {problem.dynamics.name} dynamics: the "
+            "learning rate is a safe Neumann step only for plain gradient descent"
+        )
 
     def solve(matvec, b, solution):
         rates = problem.dynamics.learning_rates(solution.hparams)
@@ -137,7 +143,7 @@ def _pull_fixed_point(iterations, tolerance):
         problem, hparams = solution.problem, solution.hparams
         lam = list(hparams.values())
         z = leaves(solution.z)
-        z_next, _ = problem.step(z, hparams, solution.steps + 1)
+        z_next, _ = problem.step(z, hparams, solution.steps)  # Phi_T, at its fixed point
 
         def transpose_jacobian(x):
             return tuple(torch.autograd.grad(z_next, z, x, retain_graph=True, allow_unused=True))
@@ -153,13 +159,11 @@ def _pull_fixed_point(iterations, tolerance):
 
 def _zeros_for_none(matvec, like):
     def wrapped(v):
-        return tuple(torch.zeros_like(x) if y is None else y for x, y in zip(like, matvec(v)))
+        return tuple(validate.zeros_if_none(y, x) for x, y in zip(like, matvec(v)))
 
     return wrapped
 
 
 def _check_solver_options(iterations, tolerance) -> None:
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
-    if not isinstance(tolerance, (int, float)) or tolerance < 0:
-        raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
+    validate.positive_int("iterations", iterations)
+    validate.non_negative("tolerance", tolerance)

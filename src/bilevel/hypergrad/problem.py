@@ -67,6 +67,11 @@ class InnerProblem:
         """L and dL/dw by autograd; parameters the objective ignores get zeros."""
         with torch.enable_grad():
             loss = evaluate("inner", self.inner, params, hparams, t)
+            if not loss.requires_grad:
+                raise ValueError(
+                    "the inner objective does not depend on params (its value has no autograd "
+                    "graph): did it detach, or go through .item() or numpy?"
+                )
             values = [params[k] for k in self.keys]
             grads = torch.autograd.grad(loss, values, create_graph=create_graph, allow_unused=True)
         grads = {
@@ -101,8 +106,10 @@ class InnerProblem:
         graph: bool = False,
         checkpoints: list | None = None,
         every: int = 0,
+        check: bool = True,
     ) -> Flat:
-        """Steps first .. first+count-1 from z, checked for divergence once at the end.
+        """Steps first .. first+count-1 from z: shapes checked after the first step, divergence
+        once at the end (replays of steps already checked pass check=False).
 
         With `checkpoints`, appends (t, z_{t-1}) before every `every`-th step.
         """
@@ -113,9 +120,12 @@ class InnerProblem:
         for i, t in enumerate(range(first, first + count)):
             if checkpoints is not None and i % every == 0:
                 checkpoints.append((t, z))
-            z, loss = step(z, hparams, t)
+            z_next, loss = step(z, hparams, t)
+            if i == 0 and check:  # metadata only: before a wrong shape breaks the next step
+                check_shapes(self.keys, z, z_next)
+            z = z_next
             losses.append(loss.detach())
-        if losses:
+        if losses and check:
             check_finite_run(torch.stack(losses), z, first)
         return z
 
@@ -193,8 +203,23 @@ def check_scalar(which: str, value) -> None:
         )
 
 
+def check_shapes(keys: Sequence[str], before: Sequence[Tensor], after: Sequence[Tensor]) -> None:
+    """A step must keep every shape; a setting that broadcasts would silently change them."""
+    for i, (old, new) in enumerate(zip(before, after)):
+        if old.shape != new.shape:
+            key = keys[i % len(keys)]
+            raise ValueError(
+                f"an inner step changed the shape of {key!r} from {tuple(old.shape)} to "
+                f"{tuple(new.shape)}: a setting of the dynamics (lr, momentum, weight decay, "
+                "...) has a shape that broadcasts against it"
+            )
+
+
 def check_finite_run(losses: Tensor, z: Sequence[Tensor], first: int) -> None:
     """One synchronisation per run: find the first non-finite inner loss, if any."""
+    finite = torch.stack([torch.isfinite(losses).all(), *(torch.isfinite(v).all() for v in z)])
+    if bool(finite.all()):
+        return
     bad = ~torch.isfinite(losses)
     if bool(bad.any()):
         step = first + int(bad.nonzero()[0, 0])
@@ -203,8 +228,7 @@ def check_finite_run(losses: Tensor, z: Sequence[Tensor], first: int) -> None:
             f"the inner objective became {value} at step {step}: the inner trajectory "
             "diverged; try a smaller inner learning rate"
         )
-    if not all(bool(torch.isfinite(v).all()) for v in z):
-        raise InnerDivergenceError(
-            f"the inner state became NaN or infinite at step {first + len(losses) - 1}: the "
-            "inner trajectory diverged; try a smaller inner learning rate"
-        )
+    raise InnerDivergenceError(
+        f"the inner state became NaN or infinite at step {first + len(losses) - 1}: the "
+        "inner trajectory diverged; try a smaller inner learning rate"
+    )

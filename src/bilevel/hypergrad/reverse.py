@@ -20,8 +20,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor
 
+from .. import validate
 from .problem import Flat, Init, InnerProblem, leaves, vjp
 
 MEMORY_POLICIES = ("graph", "trajectory", "checkpoint")
@@ -40,7 +42,9 @@ def reverse(
     """Run the inner steps, storing what `memory` asks, and return a solution to pull back."""
     if memory not in MEMORY_POLICIES:
         raise ValueError(f"memory must be one of {MEMORY_POLICIES}, got {memory!r}")
-    window = steps if window is None else _positive_int("window", window)
+    if checkpoint_every is not None and memory != "checkpoint":
+        raise ValueError(f"checkpoint_every applies to memory='checkpoint', not {memory!r}")
+    window = steps if window is None else validate.positive_int("window", window)
     if window > steps:
         raise ValueError(f"the window (k) must be at most steps={steps}, got {window}")
     length = _segment_length(memory, window, checkpoint_every)
@@ -70,20 +74,26 @@ class ReverseSolution:
         """Pull a cotangent on w_T back to (hparams, w_0); w_0's is None when truncated."""
         problem, hparams = self.problem, self.hparams
         names, lam = list(hparams), list(hparams.values())
+        if self.last_segment is None:
+            raise RuntimeError(
+                "a reverse-mode solution is pulled back once: its graph is freed by the first "
+                "vjp (run the method again for another cotangent)"
+            )
         _, z_start, z_end = self.last_segment
         self.last_segment = None  # its graph is freed by this pass
         alpha = problem.adjoint(adjoint, z_end)
         alpha, total = _pull(z_end, z_start, lam, alpha)
         for t, z in reversed(self.starts):
             z_start = leaves(z)
-            z_end = problem.run(z_start, hparams, t, self.length, graph=True)
+            z_end = problem.run(z_start, hparams, t, self.length, graph=True, check=False)
             alpha, grads = _pull(z_end, z_start, lam, alpha)
             total = [a + b for a, b in zip(total, grads)]
         if not self.full:
             return dict(zip(names, total)), None
         alpha_w0 = problem.params_of(alpha)
         if callable(self.init):  # learned initialisation: w_0 = Phi_0(lambda)
-            w0 = self.init(hparams)
+            with torch.enable_grad():  # autograd.Function.backward runs without grad
+                w0 = self.init(hparams)
             grads = vjp([w0[k] for k in problem.keys], lam, [alpha_w0[k] for k in problem.keys])
             total = [a + b for a, b in zip(total, grads)]
         return dict(zip(names, total)), alpha_w0
@@ -102,13 +112,7 @@ def _segment_length(memory: str, window: int, checkpoint_every: int | None) -> i
         return 1
     if checkpoint_every is None:
         return math.isqrt(window - 1) + 1  # ceil(sqrt(window))
-    return _positive_int("checkpoint_every", checkpoint_every)
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
+    return validate.positive_int("checkpoint_every", checkpoint_every)
 
 
 def truncated(
@@ -122,7 +126,7 @@ def truncated(
     checkpoint_every: int | None = None,
 ) -> ReverseSolution:
     """Reverse mode over the last k steps only (k = steps is plain reverse mode)."""
-    _positive_int("k", k)
+    validate.positive_int("k", k)
     return reverse(
         problem, init, hparams, steps, memory=memory, checkpoint_every=checkpoint_every, window=k
     )

@@ -76,11 +76,9 @@ class _Solve(torch.autograd.Function):
             )
         params = ctx.solution.params
         adjoint = {k: validate.zeros_if_none(c, params[k]) for k, c in zip(ctx.keys, cotangents)}
-        grads, init_grads = ctx.solution.vjp(adjoint)
+        n = ctx.n_init  # w_0 tensors come first among the inputs, after the spec
+        grads, init_grads = ctx.solution.vjp(adjoint, initial=any(ctx.needs_input_grad[1 : n + 1]))
         ctx.solution = None  # release the stored trajectory or graph
         validate.finite("hypergradient", grads, HypergradientError)
-        if init_grads is None:
-            init = [None] * ctx.n_init
-        else:
-            init = [init_grads[k] for k in ctx.keys[: ctx.n_init]]
+        init = [None] * n if init_grads is None else [init_grads[k] for k in ctx.keys[:n]]
         return (None, *init, *(grads[k] for k in ctx.names))

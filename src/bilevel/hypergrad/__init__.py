@@ -85,8 +85,8 @@ def prepare(
     validate.objective("inner", inner)
     if require_grad:
         validate.hyperparameters(hparams)
-    else:
-        validate.tensor_dict("hparams", hparams)
+    else:  # a plain differentiable solve may have no hyperparameters at all
+        validate.tensor_dict("hparams", hparams, allow_empty=True)
     if not isinstance(dynamics, Dynamics):
         raise TypeError(
             f"dynamics must be a bilevel.Dynamics such as bilevel.sgd(lr=0.1), got "

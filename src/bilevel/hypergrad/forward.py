@@ -107,8 +107,9 @@ class ForwardSolver:
         tangents = tuple(torch.stack(c) for c in zip(*(col[1] for col in columns)))
         return z, tangents, loss
 
-    def vjp(self, adjoint: Mapping[str, Tensor]):
-        """Z_T^T times a cotangent on w_T, as a dict like the hyperparameters."""
+    def vjp(self, adjoint: Mapping[str, Tensor], initial: bool = False):
+        """Z_T^T times a cotangent on w_T, as a dict like the hyperparameters (no w_0 part:
+        that would be a d x d Jacobian)."""
         n = len(self.problem.keys)
         flat = sum(
             (tangent.flatten(1) @ adjoint[k].flatten())

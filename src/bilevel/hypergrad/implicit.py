@@ -104,7 +104,8 @@ class ImplicitSolution:
         self.params = problem.params_of(z)
         self.info: dict = {}
 
-    def vjp(self, adjoint: Mapping[str, Tensor]):
+    def vjp(self, adjoint: Mapping[str, Tensor], initial: bool = False):
+        """The implicit pull-back; w_lambda does not depend on w_0, so its part is None."""
         grads, self.info = self.pull(self, adjoint)
         if not self.info["converged"]:
             warnings.warn(

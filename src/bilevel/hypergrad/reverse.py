@@ -70,39 +70,47 @@ class ReverseSolution:
         self.starts, self.length, self.last_segment, self.full = starts, length, last_segment, full
         self.params = problem.params_of(tuple(v.detach() for v in last_segment[2]))
 
-    def vjp(self, adjoint: Mapping[str, Tensor]):
-        """Pull a cotangent on w_T back to (hparams, w_0); w_0's is None when truncated."""
-        problem, hparams = self.problem, self.hparams
-        names, lam = list(hparams), list(hparams.values())
+    def vjp(self, adjoint: Mapping[str, Tensor], initial: bool = False):
+        """Pull a cotangent on w_T back to the hparams, and to w_0 if `initial` (else None).
+
+        The cotangent on w_0 is computed only when asked for or needed (a learned
+        initialisation): it costs one more pull through the first step.
+        """
         if self.last_segment is None:
             raise RuntimeError(
                 "a reverse-mode solution is pulled back once: its graph is freed by the first "
                 "vjp (run the method again for another cotangent)"
             )
+        problem, hparams = self.problem, self.hparams
+        lam = list(hparams.values())
+        learned = callable(self.init)
+        need_start = self.full and (initial or learned)
         _, z_start, z_end = self.last_segment
         self.last_segment = None  # its graph is freed by this pass
-        alpha = problem.adjoint(adjoint, z_end)
-        alpha, total = _pull(z_end, z_start, lam, alpha)
-        for t, z in reversed(self.starts):
-            z_start = leaves(z)
-            z_end = problem.run(z_start, hparams, t, self.length, graph=True, check=False)
-            alpha, grads = _pull(z_end, z_start, lam, alpha)
-            total = [a + b for a, b in zip(total, grads)]
-        if not self.full:
-            return dict(zip(names, total)), None
+        segments = [(z_start, z_end)] + [(t, z) for t, z in reversed(self.starts)]
+        alpha, total = problem.adjoint(adjoint, z_end), [torch.zeros_like(v) for v in lam]
+        for i, segment in enumerate(segments):
+            if i == 0:
+                z_start, z_end = segment
+            else:
+                t, z = segment
+                z_start = leaves(z)
+                z_end = problem.run(z_start, hparams, t, self.length, graph=True, check=False)
+            earliest = i == len(segments) - 1
+            inputs = lam if earliest and not need_start else list(z_start) + lam
+            grads = vjp(z_end, inputs, alpha)
+            alpha = grads[: len(inputs) - len(lam)]
+            total = [a + b for a, b in zip(total, grads[len(inputs) - len(lam) :])]
+        grads = dict(zip(hparams, total))
+        if not need_start:
+            return grads, None
         alpha_w0 = problem.params_of(alpha)
-        if callable(self.init):  # learned initialisation: w_0 = Phi_0(lambda)
+        if learned:  # w_0 = Phi_0(lambda): continue into Phi_0
             with torch.enable_grad():  # autograd.Function.backward runs without grad
                 w0 = self.init(hparams)
-            grads = vjp([w0[k] for k in problem.keys], lam, [alpha_w0[k] for k in problem.keys])
-            total = [a + b for a, b in zip(total, grads)]
-        return dict(zip(names, total)), alpha_w0
-
-
-def _pull(z_end: Flat, z_start: Flat, lam: list[Tensor], alpha: Flat):
-    """One segment back: (alpha at its start, its contribution to the hypergradient)."""
-    grads = vjp(z_end, list(z_start) + lam, alpha)
-    return grads[: len(z_start)], list(grads[len(z_start) :])
+            extra = vjp([w0[k] for k in problem.keys], lam, [alpha_w0[k] for k in problem.keys])
+            grads = {k: g + e for (k, g), e in zip(grads.items(), extra)}
+        return grads, alpha_w0 if initial else None
 
 
 def _segment_length(memory: str, window: int, checkpoint_every: int | None) -> int:

@@ -1,0 +1,55 @@
+"""Experiments: each is a validated config, presets, and a run function over a `Run`.
+
+Experiments use only the public API of the library, as users do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .config import ExperimentConfig
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    summary: str
+    config: type[ExperimentConfig]
+    presets: dict[str, dict]
+    run: Callable  # (config, run: bilevel.runs.Run, data_dir) -> None
+
+
+def registry() -> dict[str, Experiment]:
+    """All experiments by name (imported lazily so that `bilevel --help` stays fast)."""
+    from . import hyperclean
+
+    return {e.name: e for e in (hyperclean.EXPERIMENT,)}
+
+
+def execute(experiment: Experiment, config: ExperimentConfig, out, data_dir, quiet: bool) -> str:
+    """Run one experiment into `out`; returns its final status.
+
+    Ctrl-C leaves a valid partial result (status "interrupted"); an error leaves status
+    "failed" and propagates. Nothing claims success unless the run completed.
+    """
+    from .. import __version__
+    from ..runs import Run
+
+    resolved = {
+        "experiment": experiment.name,
+        "version": __version__,
+        "data_dir": None if data_dir is None else str(data_dir),
+        "config": config.model_dump(),
+    }
+    run = Run(out, resolved, quiet=quiet)
+    try:
+        experiment.run(config, run, data_dir)
+    except KeyboardInterrupt:
+        run.finish("interrupted")
+        return "interrupted"
+    except BaseException:
+        run.finish("failed")
+        raise
+    run.finish("completed")
+    return "completed"

@@ -1,0 +1,133 @@
+"""Experiment configuration: presets, a TOML or YAML file, and --set overrides, validated.
+
+Precedence, lowest first: the config class's defaults, the preset, the config file, then each
+`--set key=value` in order (dotted keys reach into nested sections). The result is validated by
+pydantic; an unknown key or a bad value is an error that names it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key."""
+
+
+class ExperimentConfig(BaseModel):
+    """Settings every experiment has."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    seed: int = Field(0, ge=0, description="same seed, same numbers")
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, ...")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        import torch
+
+        try:
+            device = torch.device(value)
+        except RuntimeError as error:
+            raise ValueError(f"not a torch device: {value!r}") from error
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("CUDA is not available on this machine")
+        return value
+
+
+def read_file(path: Path) -> dict:
+    """A config file's contents as a dict (TOML by .toml, YAML by .yaml/.yml)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"--config {path}: use a .toml, .yaml or .yml file")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
+        raise ConfigError(f"--config {path}: {error}") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: the file must hold a table of settings")
+    return data
+
+
+def apply_set(data: dict, assignment: str) -> None:
+    """Apply one `key.sub=value`; the value is read as YAML (numbers, booleans, lists)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {assignment!r}: expected key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    *parents, leaf = key.strip().split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {assignment!r}: {part!r} is not a section")
+    node[leaf] = value
+
+
+def _merge(base: dict, update: Mapping) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def resolve(
+    config_class: type[ExperimentConfig],
+    presets: Mapping[str, dict],
+    preset: str | None = None,
+    path: Path | None = None,
+    assignments: Sequence[str] = (),
+    **overrides,
+) -> ExperimentConfig:
+    """Build and validate a config from its layers (see the module docstring)."""
+    data: dict = {}
+    if preset is not None:
+        if preset not in presets:
+            raise ConfigError(f"--preset {preset!r}: choose one of {', '.join(presets)}")
+        data = _merge(data, presets[preset])
+    if path is not None:
+        data = _merge(data, read_file(path))
+    for assignment in assignments:
+        apply_set(data, assignment)
+    data = _merge(data, {k: v for k, v in overrides.items() if v is not None})
+    try:
+        return config_class.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key")
+        elif not key:  # a check across several settings: the message names them
+            lines.append(message)
+        else:
+            lines.append(f"{key}: {message} (got {item['input']!r})")
+    return "invalid configuration: " + "; ".join(lines)

@@ -1,0 +1,131 @@
+"""A run's output directory: resolved config, metrics log, summary, plots, progress.
+
+Every file is written whole (to a temporary name, then renamed), so a reader
+never sees half a file; metrics.jsonl grows a whole line at a time. An
+interrupted run (Ctrl-C) still leaves a valid summary.json whose status says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write `data` to `path` so that `path` is either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data.encode() if isinstance(data, str) else data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def to_json(value) -> str:
+    return json.dumps(value, indent=2, sort_keys=False, default=_jsonable) + "\n"
+
+
+def _jsonable(value):
+    if hasattr(value, "tolist"):  # tensors and numpy values
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+class Run:
+    """The output directory of one experiment run."""
+
+    def __init__(self, out: Path, config: dict, *, quiet: bool = False):
+        self.out = Path(out)
+        _check_writable(self.out)
+        self.quiet = quiet
+        self.started = time.time()
+        self.summary: dict = {"status": "running"}
+        self._metrics = open(self.out / "metrics.jsonl", "w", encoding="utf-8")  # noqa: SIM115
+        self.log = _file_logger(self.out / "run.log", quiet)
+        atomic_write(self.out / "config.json", to_json(config))
+
+    def metrics(self, **values) -> None:
+        """Append one line to metrics.jsonl (one write call per line, flushed)."""
+        self._metrics.write(json.dumps(values, default=_jsonable) + "\n")
+        self._metrics.flush()
+
+    def update(self, **values) -> None:
+        """Record final numbers as they become known, so an interruption keeps them."""
+        self.summary.update(values)
+        self._write_summary()
+
+    def _write_summary(self) -> None:
+        self.summary["wall_seconds"] = round(time.time() - self.started, 3)
+        atomic_write(self.out / "summary.json", to_json(self.summary))
+
+    def plot(self, figure, name: str) -> Path:
+        """Save a matplotlib figure as PNG, whole, and close it."""
+        import matplotlib.pyplot as plt
+
+        path = self.out / f"{name}.png"
+        fd, temporary = tempfile.mkstemp(dir=self.out, prefix=f".{name}.", suffix=".png")
+        os.close(fd)
+        try:
+            figure.savefig(temporary, dpi=120, bbox_inches="tight")
+            os.replace(temporary, path)
+        finally:
+            Path(temporary).unlink(missing_ok=True)
+            plt.close(figure)
+        return path
+
+    def progress(self, iterable: Iterable | None = None, total: int | None = None, desc: str = ""):
+        """A live progress bar on a terminal; silent in logs, CI and pipes."""
+        disable = self.quiet or not sys.stderr.isatty()
+        return tqdm(
+            iterable, total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True
+        )
+
+    def finish(self, status: str) -> None:
+        self.summary["status"] = status
+        self._write_summary()
+        self._metrics.close()
+        self.log.info("%s: results in %s", status, self.out)
+        for handler in list(self.log.handlers):
+            handler.close()
+            self.log.removeHandler(handler)
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise PermissionError(f"--out {out}: cannot write there ({error.strerror})") from error
+
+
+def _file_logger(path: Path, quiet: bool) -> logging.Logger:
+    logger = logging.getLogger(f"bilevel.run.{path.parent}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    formatter = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    file_handler = logging.FileHandler(path, encoding="utf-8")
+    file_handler.setFormatter(formatter)
+    logger.addHandler(file_handler)
+    if not quiet:
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(formatter)
+        logger.addHandler(console)
+    return logger

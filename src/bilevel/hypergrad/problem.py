@@ -104,7 +104,7 @@ class InnerProblem:
         first: int,
         count: int,
         graph: bool = False,
-        checkpoints: list | None = None,
+        checkpoints=None,  # anything with append((t, z)): a list, or reverse.StateStore
         every: int = 0,
         check: bool = True,
     ) -> Flat:

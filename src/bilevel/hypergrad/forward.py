@@ -78,15 +78,17 @@ class ForwardSolver:
 
     def advance(self, count: int) -> None:
         """Take `count` inner steps, updating the tangents."""
-        losses = []
-        for _ in range(count):
+        losses = None  # one buffer, as in InnerProblem.run
+        for i in range(count):
             self.t += 1
             z, self.tangents, loss = self._step(self.t)
             check_shapes(self.problem.keys, self.z, z)
+            if i == 0:
+                losses = loss.new_empty(count)
+            losses[i] = loss.detach()
             self.z = z
-            losses.append(loss.detach())
-        if losses:
-            check_finite_run(torch.stack(losses), self.z, self.t - count + 1)
+        if losses is not None:
+            check_finite_run(losses, self.z, self.t - count + 1)
 
     def _step(self, t: int):
         problem, hparams = self.problem, self.hparams

@@ -116,17 +116,19 @@ class InnerProblem:
         if not graph:
             hparams = detach(hparams)
         step = self.step if graph else self.step_detached
-        losses = []
+        losses = None  # one buffer: a small tensor kept per step would fragment the heap
         for i, t in enumerate(range(first, first + count)):
             if checkpoints is not None and i % every == 0:
                 checkpoints.append((t, z))
             z_next, loss = step(z, hparams, t)
-            if i == 0 and check:  # metadata only: before a wrong shape breaks the next step
-                check_shapes(self.keys, z, z_next)
+            if i == 0:
+                losses = loss.new_empty(count)
+                if check:  # metadata only: before a wrong shape breaks the next step
+                    check_shapes(self.keys, z, z_next)
+            losses[i] = loss.detach()
             z = z_next
-            losses.append(loss.detach())
-        if losses and check:
-            check_finite_run(torch.stack(losses), z, first)
+        if losses is not None and check:
+            check_finite_run(losses, z, first)
         return z
 
 

@@ -35,76 +35,176 @@ def methods() -> None:
         click.echo(f"{name:18s} {summary}\n{'':18s} options: {', '.join(options) or 'none'}")
 
 
+def _experiment_options(presets):
+    """The options every experiment command takes (one decorator for all of them)."""
+    options = [
+        click.option(
+            "--preset",
+            type=click.Choice(sorted(presets)),
+            help="paper: the paper's setting; quick: minutes on 2 CPU cores",
+        ),
+        click.option(
+            "--config",
+            "config_path",
+            type=click.Path(path_type=Path),
+            help="a TOML or YAML file of settings",
+        ),
+        click.option(
+            "--set",
+            "assignments",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="override one setting (repeatable), e.g. --set inner_steps=200",
+        ),
+        click.option("--seed", type=int, help="random seed: same seed, same numbers"),
+        click.option("--device", help="torch device (cpu, cuda, cuda:1)"),
+        click.option(
+            "--out",
+            type=click.Path(path_type=Path),
+            help="output directory (default runs/<experiment>-<time>)",
+        ),
+        click.option(
+            "--data-dir",
+            type=click.Path(path_type=Path),
+            help="data sets root (default: $BILEVEL_DATA, else the user cache)",
+        ),
+        click.option("--quiet", is_flag=True, help="no progress bar and no log on the console"),
+        click.option("--show-config", is_flag=True, help="print the resolved config and exit"),
+    ]
+
+    def decorate(function):
+        for option in reversed(options):
+            function = option(function)
+        return function
+
+    return decorate
+
+
+def _resolve(experiment, preset, config_path, assignments, seed, device, presets=None):
+    """The validated config, or a one-line usage error (exit 2)."""
+    from .experiments.config import ConfigError, resolve
+
+    try:
+        return resolve(
+            experiment.config,
+            experiment.presets if presets is None else presets,
+            preset,
+            config_path,
+            assignments,
+            seed=seed,
+            device=device,
+        )
+    except ConfigError as error:
+        raise click.UsageError(str(error)) from None
+
+
+def _execute(experiment, config, out, data_dir, quiet) -> None:
+    """Run into `out`; expected failures are one line (exit 1), Ctrl-C exits 130."""
+    from .checkpoints import CheckpointError
+    from .data import DataError
+    from .experiments import execute
+
+    out = out or Path("runs") / f"{experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        status = execute(experiment, config, out, data_dir, quiet)
+    except (DataError, PermissionError, CheckpointError) as error:
+        raise click.ClickException(str(error)) from None
+    if status == "interrupted":
+        click.echo(f"interrupted: a partial result is in {out} (summary.json says so)", err=True)
+        sys.exit(130)
+    click.echo(f"completed: results in {out}", err=True)
+
+
+def _show(config) -> None:
+    from .runs import to_json
+
+    click.echo(to_json(config.model_dump()), nl=False)
+
+
 def _experiment_command(experiment) -> click.Command:
     """One subcommand per experiment, all with the same options."""
 
     @click.command(experiment.name, help=experiment.summary)
-    @click.option(
-        "--preset",
-        type=click.Choice(sorted(experiment.presets)),
-        help="paper: the paper's setting; quick: minutes on 2 CPU cores",
-    )
-    @click.option(
-        "--config",
-        "config_path",
-        type=click.Path(path_type=Path),
-        help="a TOML or YAML file of settings",
-    )
+    @_experiment_options(experiment.presets)
+    def command(preset, config_path, assignments, seed, device, out, data_dir, quiet, show_config):
+        config = _resolve(experiment, preset, config_path, assignments, seed, device)
+        if show_config:
+            _show(config)
+            return
+        _execute(experiment, config, out, data_dir, quiet)
+
+    return command
+
+
+def _fewshot_training(name: str, experiment, mode: str) -> click.Command:
+    @click.command(name, help=experiment.summary)
+    @_experiment_options(experiment.presets)
+    @click.option("--resume", is_flag=True, help="continue the run in --out from its checkpoint")
+    def command(
+        preset, config_path, assignments, seed, device, out, data_dir, quiet, show_config, resume
+    ):
+        from .checkpoints import CheckpointError
+        from .experiments.fewshot import prepare_resume, with_inputs
+
+        config = _resolve(experiment, preset, config_path, assignments, seed, device)
+        if show_config:
+            _show(config)
+            return
+        state = None
+        if resume:
+            if out is None:
+                raise click.UsageError("--resume needs --out, the directory of the run")
+            try:
+                state = prepare_resume(config, out, mode)
+            except CheckpointError as error:
+                raise click.ClickException(str(error)) from None
+        _execute(with_inputs(experiment, resume=state), config, out, data_dir, quiet)
+
+    return command
+
+
+def _fewshot_test(experiment) -> click.Command:
+    @click.command("test", help=experiment.summary)
+    @click.argument("source", type=click.Path(path_type=Path, file_okay=False))
     @click.option(
         "--set",
         "assignments",
         multiple=True,
         metavar="KEY=VALUE",
-        help="override one setting (repeatable), e.g. --set inner_steps=200",
+        help="a test setting (repeatable), e.g. --set test_episodes=600 --set test_steps=[1,5]",
     )
-    @click.option("--seed", type=int, help="random seed: same seed, same numbers")
     @click.option("--device", help="torch device (cpu, cuda, cuda:1)")
     @click.option(
-        "--out",
-        type=click.Path(path_type=Path),
-        help="output directory (default runs/<experiment>-<time>)",
+        "--out", type=click.Path(path_type=Path), help="output directory (default SOURCE/test)"
     )
-    @click.option(
-        "--data-dir",
-        type=click.Path(path_type=Path),
-        help="data sets root (default: $BILEVEL_DATA, else the user cache)",
-    )
+    @click.option("--data-dir", type=click.Path(path_type=Path), help="data sets root")
     @click.option("--quiet", is_flag=True, help="no progress bar and no log on the console")
-    @click.option("--show-config", is_flag=True, help="print the resolved config and exit")
-    def command(preset, config_path, assignments, seed, device, out, data_dir, quiet, show_config):
-        from .data import DataError
-        from .experiments import execute
-        from .experiments.config import ConfigError, resolve
-        from .runs import to_json
+    def command(source, assignments, device, out, data_dir, quiet):
+        from .checkpoints import CheckpointError
+        from .experiments.fewshot import test_overrides, training_run, with_inputs
 
         try:
-            config = resolve(
-                experiment.config,
-                experiment.presets,
-                preset,
-                config_path,
-                assignments,
-                seed=seed,
-                device=device,
-            )
-        except ConfigError as error:
+            test_overrides(assignments)
+            trained, mode = training_run(source)
+        except (ValueError, CheckpointError) as error:
             raise click.UsageError(str(error)) from None
-        if show_config:
-            click.echo(to_json(config.model_dump()), nl=False)
-            return
-        out = out or Path("runs") / f"{experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        try:
-            status = execute(experiment, config, out, data_dir, quiet)
-        except (DataError, PermissionError) as error:
-            raise click.ClickException(str(error)) from None
-        if status == "interrupted":
-            click.echo(
-                f"interrupted: a partial result is in {out} (summary.json says so)", err=True
-            )
-            sys.exit(130)
-        click.echo(f"completed: results in {out}", err=True)
+        config = _resolve(experiment, "run", None, assignments, None, device, {"run": trained})
+        runner = with_inputs(experiment, source=source, mode=mode)
+        _execute(runner, config, out or source / "test", data_dir, quiet)
 
     return command
+
+
+def _fewshot_group() -> click.Group:
+    from .experiments import fewshot
+
+    group = click.Group(
+        "fewshot", help="Few-shot learning with a hyper-representation (train, classical, test)."
+    )
+    group.add_command(_fewshot_training("train", fewshot.TRAIN, "bilevel"))
+    group.add_command(_fewshot_training("classical", fewshot.CLASSICAL, "classical"))
+    group.add_command(_fewshot_test(fewshot.TEST))
+    return group
 
 
 def _register_commands() -> None:
@@ -114,6 +214,7 @@ def _register_commands() -> None:
     main.add_command(bench)
     for experiment in registry().values():
         main.add_command(_experiment_command(experiment))
+    main.add_command(_fewshot_group())
 
 
 _register_commands()

@@ -1,0 +1,135 @@
+"""Settings and presets of the few-shot experiment (Franceschi et al. 2018, section 5.2)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ..config import ExperimentConfig
+
+# Classes per part of each split, and examples per class: what a config can ask for is checked
+# against these before any data is read.
+CLASSES = {
+    ("omniglot", "paper"): {"train": 4800, "val": 400, "test": 1292},
+    ("omniglot", "vinyals"): {"train": 4112, "val": 688, "test": 1692},
+    ("miniimagenet", "ravi"): {"train": 48, "val": 16, "test": 20},  # 48: val/ may be absent
+}
+EXAMPLES = {"omniglot": 20, "miniimagenet": 600}
+IMAGES = {"omniglot": (1, 28), "miniimagenet": (3, 84)}  # channels, side
+
+# Settings that change neither the training trajectory nor its checkpoints: a run may be
+# resumed with a larger budget, and tested with other test settings.
+TEST_KEYS = frozenset(
+    {"test_classes", "test_episodes", "test_steps", "test_batch_norm", "test_seed", "device"}
+)
+NOT_HASHED = TEST_KEYS - {"test_batch_norm"} | {"iterations"}  # validation uses test_batch_norm
+
+
+class FewshotConfig(ExperimentConfig):
+    dataset: Literal["omniglot", "miniimagenet"] = "omniglot"
+    split: Literal["paper", "vinyals", "ravi"] = "paper"
+    split_seed: int = Field(0, ge=0, description="seed of the Omniglot paper split / val hold-out")
+    train_classes: int | None = Field(None, gt=0, description="use only the first n (a slice)")
+    val_classes: int | None = Field(None, gt=0)
+    test_classes: int | None = Field(None, gt=0)
+    model: Literal["omniglot-conv", "miniimagenet-conv", "resnet-paper", "resnet12"] = (
+        "omniglot-conv"
+    )
+    width: float = Field(1.0, gt=0, description="scales every layer's filters (1 = the paper)")
+    ways: int = Field(5, gt=0, description="N classes per episode")
+    shots: int = Field(1, gt=0, description="K support examples per class")
+    queries: int = Field(15, gt=0, description="query examples per class")
+    meta_batch: int = Field(4, gt=0, description="episodes per meta-iteration")
+    inner_steps: int = Field(5, gt=0, description="T gradient steps on each episode's head")
+    inner_lr: float = Field(0.1, gt=0, description="initial value when learned")
+    learn_inner_lr: bool = Field(False, description="learn log(inner_lr) with the network")
+    memory: Literal["graph", "trajectory", "checkpoint"] = Field(
+        "graph", description="what reverse mode stores of the T inner steps"
+    )
+    outer_lr: float = Field(1e-3, gt=0, description="Adam on the network")
+    lr_decay: float = Field(1e-5, ge=0, description="lr_t = outer_lr / (1 + lr_decay * t)")
+    iterations: int = Field(100_000, gt=0, description="meta-iterations (budget)")
+    classical_batch: int | None = Field(
+        None, gt=0, description="images per step of `classical` (default: a meta-batch's)"
+    )
+    log_every: int = Field(10, gt=0, description="iterations per metrics.jsonl line")
+    validate_every: int = Field(1000, gt=0)
+    val_episodes: int = Field(200, gt=0, description="fixed seeded meta-validation episodes")
+    patience: int = Field(20, gt=0, description="validations without improvement before stopping")
+    test_episodes: int = Field(600, gt=0)
+    test_steps: list[int] = Field([1, 3, 5, 10, 20], min_length=1, description="T ablation")
+    test_batch_norm: Literal["transductive", "running"] = Field(
+        "transductive",
+        description="also at meta-validation. transductive: each episode is normalised by the "
+        "batch statistics of its own support+query images (as in MAML and the paper's "
+        "code); running: the running statistics accumulated during meta-training",
+    )
+    test_seed: int = Field(1, ge=0, description="seed of the test episodes")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if (self.dataset == "miniimagenet") != (self.split == "ravi"):
+            raise ValueError("split 'ravi' is mini-ImageNet's, 'paper'/'vinyals' Omniglot's")
+        for part, available in self.classes_available().items():
+            if self.ways > available:
+                raise ValueError(
+                    f"ways={self.ways} exceeds the {available} {part} classes available"
+                )
+        if self.shots + self.queries > EXAMPLES[self.dataset]:
+            raise ValueError(
+                f"shots + queries = {self.shots + self.queries} exceeds the "
+                f"{EXAMPLES[self.dataset]} examples per class of {self.dataset}"
+            )
+        if any(t < 1 for t in self.test_steps):
+            raise ValueError("test_steps must all be positive")
+        return self
+
+    def classes_available(self) -> dict[str, int]:
+        sizes = CLASSES[self.dataset, self.split]
+        limits = {"train": self.train_classes, "val": self.val_classes, "test": self.test_classes}
+        return {p: min(n, limits[p] or n) for p, n in sizes.items()}
+
+    def hashed(self) -> dict:
+        """The settings a checkpoint must agree with to be resumed or tested."""
+        return {k: v for k, v in self.model_dump().items() if k not in NOT_HASHED}
+
+
+def _preset(dataset: str, ways: int, shots: int) -> dict:
+    if dataset == "omniglot":
+        return {
+            "dataset": "omniglot",
+            "split": "paper",
+            "model": "omniglot-conv",
+            "ways": ways,
+            "shots": shots,
+        }
+    return {
+        "dataset": "miniimagenet",
+        "split": "ravi",
+        "model": "miniimagenet-conv",
+        "ways": ways,
+        "shots": shots,
+    }
+
+
+PRESETS = {
+    f"{d}-{n}w{k}s": _preset(d, n, k)
+    for d, n, k in (
+        ("omniglot", 5, 1),
+        ("omniglot", 5, 5),
+        ("omniglot", 20, 1),
+        ("omniglot", 20, 5),
+        ("miniimagenet", 5, 1),
+        ("miniimagenet", 5, 5),
+    )
+}
+PRESETS["quick"] = {
+    **PRESETS["omniglot-5w1s"],
+    "iterations": 600,
+    "log_every": 10,
+    "validate_every": 200,
+    "val_episodes": 100,
+    "patience": 5,
+    "test_episodes": 200,
+}

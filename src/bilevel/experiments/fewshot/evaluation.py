@@ -1,0 +1,109 @@
+"""Meta-test of a trained run: accuracy ± 95% CI on seeded episodes, as a function of T."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ... import checkpoints
+from ..common import seed_everything
+from .config import TEST_KEYS, FewshotConfig
+from .data import class_sets, episodes
+from .learners import Learner, confidence, evaluate
+from .train import BEST, CHECKPOINT, identity
+
+EPISODES_PER_DRAW = 20  # episodes sampled at once; the heads of a draw are trained together
+
+
+def training_run(source: Path) -> tuple[dict, str]:
+    """The resolved config and mode ("bilevel"/"classical") a run directory was trained with."""
+    path = Path(source) / "config.json"
+    if not path.is_file():
+        raise checkpoints.CheckpointError(f"{source} is not a training run (no config.json)")
+    saved = json.loads(path.read_text())
+    mode = {"fewshot-train": "bilevel", "fewshot-classical": "classical"}.get(saved["experiment"])
+    if mode is None:
+        raise checkpoints.CheckpointError(f"{source} holds a {saved['experiment']} run")
+    return saved["config"], mode
+
+
+def test_overrides(assignments) -> None:
+    """Only test settings may change between training and testing."""
+    for assignment in assignments:
+        key = assignment.partition("=")[0].strip()
+        if key not in TEST_KEYS:
+            raise ValueError(f"--set {key}: only {', '.join(sorted(TEST_KEYS))} can be set here")
+
+
+def run_test(config: FewshotConfig, run, data_dir, source: Path, mode: str) -> None:
+    seed_everything(config.seed)
+    learner = _trained(config, Path(source), mode, run)
+    test = class_sets(config, data_dir, ("test",))["test"]
+    run.log.info("test: %d classes; %s", len(test), test.note)
+    rng = np.random.default_rng(config.test_seed)
+    sampler = episodes(config, test, EPISODES_PER_DRAW, rng)
+    steps = sorted({*config.test_steps, config.inner_steps})
+    correct = evaluate(learner, sampler, config.test_episodes, steps, config.test_batch_norm)
+    rows = []
+    for t in steps:
+        accuracy, ci95 = confidence(correct[t])
+        rows.append({"steps": t, "accuracy": accuracy, "ci95": ci95})
+        run.metrics(**rows[-1])
+    main = next(r for r in rows if r["steps"] == config.inner_steps)
+    run.update(
+        accuracy=main["accuracy"],
+        ci95=main["ci95"],
+        steps=config.inner_steps,
+        episodes=config.test_episodes,
+        batch_norm=config.test_batch_norm,
+        inner_lr=learner.inner_lr(),
+        by_steps=rows,
+    )
+    run.log.info(
+        "%d-way %d-shot: %.2f ± %.2f%% (T=%d, %d episodes)",
+        config.ways,
+        config.shots,
+        main["accuracy"],
+        main["ci95"],
+        config.inner_steps,
+        config.test_episodes,
+    )
+    plot_steps(run, rows, config.inner_steps)
+
+
+def _trained(config: FewshotConfig, source: Path, mode: str, run) -> Learner:
+    """The network of ``source``'s best validation (its last checkpoint if it never validated)."""
+    path = source / BEST if (source / BEST).is_file() else source / CHECKPOINT
+    state = checkpoints.load(path, identity(config, mode))
+    weights = {k: v for k, v in state["learner"].items() if not k.startswith("classifier.")}
+    learner = Learner(config)
+    learner.load_state_dict(weights)
+    progress = state["progress"]
+    run.update(
+        checkpoint=str(path),
+        trained_iterations=progress["iteration"],
+        best_val_accuracy=progress["best_accuracy"],
+    )
+    return learner.to(torch.device(config.device))
+
+
+def plot_steps(run, rows: list[dict], trained_steps: int) -> None:
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    steps = [r["steps"] for r in rows]
+    axis.errorbar(
+        steps, [r["accuracy"] for r in rows], yerr=[r["ci95"] for r in rows], marker="o", capsize=3
+    )
+    axis.axvline(
+        trained_steps, color="grey", linestyle=":", label=f"T in training = {trained_steps}"
+    )
+    axis.set_xscale("log")
+    axis.set_xticks(steps, [str(s) for s in steps])
+    axis.set_xlabel("inner steps T at test")
+    axis.set_ylabel("test accuracy (%), 95% CI")
+    axis.legend()
+    run.plot(figure, "accuracy_vs_steps")

@@ -1,0 +1,273 @@
+"""The few-shot experiment on small real slices of Omniglot: train, test, classical, resume."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bilevel.cli import main as cli
+from bilevel.data import Episodes
+from bilevel.experiments.fewshot import FewshotConfig
+from bilevel.experiments.fewshot.learners import Learner, evaluate, train_heads
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("BILEVEL_DATA", ROOT.parent / "shared" / "data"))
+TINY = [
+    "--preset", "quick",
+    "--set", "width=0.125",
+    "--set", "train_classes=40",
+    "--set", "val_classes=20",
+    "--set", "val_episodes=20",
+    "--set", "validate_every=10",
+    "--set", "log_every=1",
+    "--quiet",
+    "--data-dir", str(DATA),
+]  # fmt: skip
+ITERATIONS = 40
+
+needs_omniglot = pytest.mark.skipif(
+    not (DATA / "omniglot").is_dir(), reason=f"Omniglot not found under {DATA} (set BILEVEL_DATA)"
+)
+
+
+def bilevel(*args, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count, same float sums
+    return subprocess.run(
+        [sys.executable, "-m", "bilevel.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def metrics(out):
+    """metrics.jsonl without timings: what must repeat bit for bit."""
+    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in lines]
+
+
+def in_process(*args):
+    """The CLI in this process (no torch import per call), on one thread as in `bilevel`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return CliRunner().invoke(cli, [str(a) for a in args])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train(out, *extra, command="train"):
+    result = in_process("fewshot", command, *TINY, *extra, "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run of ITERATIONS iterations with a learned inner learning rate."""
+    out = tmp_path_factory.mktemp("fewshot") / "run"
+    return train(out, "--set", f"iterations={ITERATIONS}", "--set", "learn_inner_lr=true")
+
+
+@needs_omniglot
+def test_train_writes_metrics_checkpoints_summary_and_curve(trained):
+    summary = json.loads((trained / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["mode"] == "bilevel"
+    assert summary["iterations"] == ITERATIONS and summary["stopped"] == "budget"
+    assert summary["features"] == 8 * 2 * 2 and summary["inner_lr"] != 0.1  # learned
+    lines = metrics(trained)
+    train_lines = [x for x in lines if x["kind"] == "train"]
+    val_lines = [x for x in lines if x["kind"] == "val"]
+    assert [x["iteration"] for x in train_lines] == list(range(1, ITERATIONS + 1))
+    assert [x["iteration"] for x in val_lines] == [10, 20, 30, 40]
+    assert max(x["accuracy"] for x in val_lines) == summary["best_val_accuracy"]
+    assert all(0 <= x["accuracy"] <= 100 and x["ci95"] > 0 for x in val_lines)
+    lr = [x["outer_lr"] for x in train_lines]  # inverse-time decay, one step per iteration
+    assert lr[9] == pytest.approx(1e-3 / (1 + 1e-5 * 10))
+    for name in ("checkpoint.pt", "best.pt"):
+        assert (trained / name).is_file()
+    assert (trained / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@needs_omniglot
+def test_test_command_reports_accuracy_with_ci_by_inner_steps(trained, tmp_path):
+    out = tmp_path / "test"
+    # a process of its own: `bilevel fewshot test` as users run it
+    result = bilevel(
+        "fewshot", "test", trained, "--out", out, "--data-dir", DATA, "--quiet",
+        "--set", "test_episodes=60", "--set", "test_steps=[1,3,10]", "--set", "test_classes=40",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["episodes"] == 60
+    assert [r["steps"] for r in summary["by_steps"]] == [1, 3, 5, 10]  # 5: the trained T
+    main = next(r for r in summary["by_steps"] if r["steps"] == 5)
+    assert (summary["accuracy"], summary["ci95"]) == (main["accuracy"], main["ci95"])
+    for row in summary["by_steps"]:
+        assert 0 < row["accuracy"] <= 100 and 0 < row["ci95"] < 15
+    assert summary["checkpoint"].endswith("best.pt") and summary["batch_norm"] == "transductive"
+    assert (out / "accuracy_vs_steps.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@needs_omniglot
+def test_resume_continues_with_the_same_numbers(trained, tmp_path):
+    half = train(tmp_path / "half", "--set", f"iterations={ITERATIONS // 2}", "--set",
+                 "learn_inner_lr=true")  # fmt: skip
+    assert len(metrics(half)) < len(metrics(trained))
+    train(half, "--set", f"iterations={ITERATIONS}", "--set", "learn_inner_lr=true", "--resume")
+    assert metrics(half) == metrics(trained)
+
+
+@needs_omniglot
+def test_an_interrupted_run_resumes_with_the_same_numbers(trained, tmp_path):
+    out = tmp_path / "interrupted"
+    args = [*TINY, "--set", f"iterations={ITERATIONS}", "--set", "learn_inner_lr=true"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bilevel.cli", "fewshot", "train", *args, "--out", str(out)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+        assert time.time() < deadline and process.poll() is None, process.stderr
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    stopped = json.loads((out / "summary.json").read_text())
+    assert stopped["status"] == "interrupted" and stopped["iterations"] < ITERATIONS
+    assert stopped["stopped"] is None
+    train(out, "--set", f"iterations={ITERATIONS}", "--set", "learn_inner_lr=true", "--resume")
+    assert metrics(out) == metrics(trained)
+
+
+@needs_omniglot
+def test_corrupt_or_foreign_checkpoint_is_one_line_and_leaves_the_run(trained, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    before = (copy / "metrics.jsonl").read_bytes()
+    result = in_process("fewshot", "train", *TINY, "--set", "inner_steps=3", "--out", copy,
+                        "--resume")  # fmt: skip
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert (
+        "another configuration" in result.output and "inner_steps=5 there, 3 here" in result.output
+    )
+    data = bytearray((copy / "checkpoint.pt").read_bytes())
+    data[-10] ^= 0xFF
+    (copy / "checkpoint.pt").write_bytes(bytes(data))
+    result = in_process("fewshot", "train", *TINY, "--set", "learn_inner_lr=true", "--out", copy,
+                        "--resume")  # fmt: skip
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "corrupt" in result.output and len(result.output.strip().splitlines()) == 1
+    assert (copy / "metrics.jsonl").read_bytes() == before  # nothing of the run was overwritten
+
+
+@needs_omniglot
+def test_early_stopping_after_patience_validations_without_improvement(tmp_path):
+    # a learning rate too small to change any prediction: the second validation cannot improve
+    out = train(tmp_path / "stalled", "--set", "outer_lr=1e-12", "--set", "patience=1",
+                "--set", "validate_every=5", "--set", "iterations=40")  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped"] == "no improvement in 1 validations"
+    assert summary["iterations"] == 10 and summary["best_iteration"] == 5
+
+
+@needs_omniglot
+def test_classical_baseline_trains_and_tests(tmp_path):
+    out = train(tmp_path / "classical", "--set", "iterations=10", command="classical")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "classical" and summary["best_iteration"] == 10
+    lines = metrics(out)
+    assert lines[0]["loss"] > 3  # cross-entropy over 40 classes starts near log(40)
+    result = in_process(
+        "fewshot", "test", out, "--data-dir", DATA, "--quiet",
+        "--set", "test_episodes=20", "--set", "test_steps=[5]", "--set", "test_classes=20",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "test" / "summary.json").read_text())["episodes"] == 20
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--set", "train_classes=3"], "ways=5 exceeds the 3 train classes available"),
+        (["--set", "shots=10"], "shots + queries = 25 exceeds the 20 examples per class"),
+        (["--set", "split=ravi"], "split 'ravi' is mini-ImageNet's"),
+        (["--set", "test_steps=[0,5]"], "test_steps must all be positive"),
+        (["--preset", "omniglot-5w1s", "--resume"], "--resume needs --out"),
+    ],
+)
+def test_bad_configuration_is_one_clear_line(args, message, tmp_path):
+    result = in_process("fewshot", "train", "--preset", "quick", *args, "--data-dir", tmp_path)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert message in result.output
+    assert list(tmp_path.iterdir()) == []  # refused before anything was read or written
+
+
+def test_test_command_refuses_training_settings(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"experiment": "fewshot-train", "config": {}}))
+    result = in_process("fewshot", "test", tmp_path, "--set", "ways=20")
+    assert result.exit_code == 2 and "only device, test_batch_norm" in result.output
+
+
+# --- the learner, in process ----------------------------------------------------------------
+
+
+def random_episodes(b=3, ways=4, shots=2, queries=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = lambda n: torch.arange(ways).repeat_interleave(n).expand(b, -1).clone()  # noqa: E731
+    return Episodes(
+        torch.rand(b, ways * shots, 1, 28, 28, generator=g),
+        labels(shots),
+        torch.rand(b, ways * queries, 1, 28, 28, generator=g),
+        labels(queries),
+        torch.zeros(b, ways, dtype=torch.long),
+    )
+
+
+def test_episodes_of_a_meta_batch_stay_independent():
+    torch.manual_seed(0)
+    learner = Learner(FewshotConfig(width=0.25, learn_inner_lr=True))
+    support = torch.randn(3, 8, 16, requires_grad=True)
+    labels = torch.arange(4).repeat_interleave(2).expand(3, -1)
+    together = train_heads(learner, support, labels, 4, 5, "graph")
+    for b in range(3):
+        alone = train_heads(learner, support[b : b + 1], labels[b : b + 1], 4, 5, "graph")
+        torch.testing.assert_close(together["W"][b], alone["W"][0], rtol=1e-5, atol=1e-7)
+    # the query loss of episode 0 sends gradient to episode 0's support features only
+    together["W"][0].sum().backward()
+    assert support.grad[0].abs().sum() > 0 and support.grad[1:].abs().sum() == 0
+
+
+class Batches:
+    def __init__(self, batch):
+        self.batch = batch
+
+    def sample(self):
+        return self.batch
+
+
+def test_evaluation_continues_heads_exactly_and_keeps_running_statistics():
+    torch.manual_seed(0)
+    learner = Learner(FewshotConfig(width=0.25))
+    before = {k: v.clone() for k, v in learner.net.state_dict().items()}
+    batch = random_episodes()
+    stepwise = evaluate(learner, Batches(batch), 3, [2, 7], "transductive")
+    direct = evaluate(learner, Batches(batch), 3, [7], "transductive")
+    np.testing.assert_array_equal(stepwise[7], direct[7])
+    after = learner.net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # running stats untouched
+    running = evaluate(learner, Batches(batch), 3, [7], "running")
+    assert running[7].shape == (3,) and learner.net.training

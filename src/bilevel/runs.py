@@ -3,6 +3,9 @@
 Every file is written whole (to a temporary name, then renamed), so a reader
 never sees half a file; metrics.jsonl grows a whole line at a time. An
 interrupted run (Ctrl-C) still leaves a valid summary.json whose status says so.
+
+Under torchrun only rank 0 writes: the Run of every other rank is silent and writes nothing
+(its methods do nothing, its log goes nowhere), so N processes never write the same files.
 """
 
 from __future__ import annotations
@@ -52,16 +55,23 @@ class Run:
 
     def __init__(self, out: Path, config: dict, *, quiet: bool = False):
         self.out = Path(out)
-        _check_writable(self.out)
-        self.quiet = quiet
         self.started = time.time()
         self.summary: dict = {"status": "running"}
+        self.writes = _rank() == 0
+        if not self.writes:  # another rank of a torchrun job: rank 0 writes
+            self.quiet, self._metrics = True, None
+            self.log = _silent_logger()
+            return
+        _check_writable(self.out)
+        self.quiet = quiet
         self._metrics = open(self.out / "metrics.jsonl", "w", encoding="utf-8")  # noqa: SIM115
         self.log = _file_logger(self.out / "run.log", quiet)
         atomic_write(self.out / "config.json", to_json(config))
 
     def metrics(self, **values) -> None:
         """Append one line to metrics.jsonl (one write call per line, flushed)."""
+        if not self.writes:
+            return
         self._metrics.write(json.dumps(values, default=_jsonable) + "\n")
         self._metrics.flush()
 
@@ -71,12 +81,18 @@ class Run:
         self._write_summary()
 
     def _write_summary(self) -> None:
+        if not self.writes:
+            return
         self.summary["wall_seconds"] = round(time.time() - self.started, 3)
         atomic_write(self.out / "summary.json", to_json(self.summary))
 
     def plot(self, figure, name: str) -> Path:
         """Save a matplotlib figure as PNG, whole, and close it."""
         import matplotlib.pyplot as plt
+
+        if not self.writes:
+            plt.close(figure)
+            return self.out / f"{name}.png"
 
         path = self.out / f"{name}.png"
         fd, temporary = tempfile.mkstemp(dir=self.out, prefix=f".{name}.", suffix=".png")
@@ -89,6 +105,17 @@ class Run:
             plt.close(figure)
         return path
 
+    def save(self, obj, name: str) -> Path:
+        """torch.save `obj` to `name` in the run directory, whole."""
+        import io
+
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        atomic_write(self.out / name, buffer.getvalue())
+        return self.out / name
+
     def progress(self, iterable: Iterable | None = None, total: int | None = None, desc: str = ""):
         """A live progress bar on a terminal; silent in logs, CI and pipes."""
         disable = self.quiet or not sys.stderr.isatty()
@@ -99,11 +126,28 @@ class Run:
     def finish(self, status: str) -> None:
         self.summary["status"] = status
         self._write_summary()
+        if not self.writes:
+            return
         self._metrics.close()
         self.log.info("%s: results in %s", status, self.out)
         for handler in list(self.log.handlers):
             handler.close()
             self.log.removeHandler(handler)
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise), read from the environment."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return 0
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _silent_logger() -> logging.Logger:
+    logger = logging.getLogger("bilevel.run.silent")
+    logger.propagate = False
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
+    return logger
 
 
 def _check_writable(out: Path) -> None:

@@ -23,7 +23,8 @@ IMAGES = {"omniglot": (1, 28), "miniimagenet": (3, 84)}  # channels, side
 TEST_KEYS = frozenset(
     {"test_classes", "test_episodes", "test_steps", "test_batch_norm", "test_seed", "device"}
 )
-NOT_HASHED = TEST_KEYS - {"test_batch_norm"} | {"iterations"}  # validation uses test_batch_norm
+NOT_HASHED = TEST_KEYS - {"test_batch_norm"} | {"iterations", "checkpoint_every"}
+# (validation uses test_batch_norm)
 
 
 class FewshotConfig(ExperimentConfig):
@@ -44,6 +45,13 @@ class FewshotConfig(ExperimentConfig):
     inner_steps: int = Field(5, gt=0, description="T gradient steps on each episode's head")
     inner_lr: float = Field(0.1, gt=0, description="initial value when learned")
     learn_inner_lr: bool = Field(False, description="learn log(inner_lr) with the network")
+    train_batch_norm: Literal["episode", "meta-batch"] = Field(
+        "episode",
+        description="batch norm in meta-training. episode: each episode's support+query images "
+        "are normalised by their own statistics (as transductive testing does; a meta-batch "
+        "split over processes gives the same numbers); meta-batch: one batch-norm batch of the "
+        "whole meta-batch (one process only)",
+    )
     memory: Literal["graph", "trajectory", "checkpoint"] = Field(
         "graph", description="what reverse mode stores of the T inner steps"
     )
@@ -55,6 +63,9 @@ class FewshotConfig(ExperimentConfig):
     )
     log_every: int = Field(10, gt=0, description="iterations per metrics.jsonl line")
     validate_every: int = Field(1000, gt=0)
+    checkpoint_every: int | None = Field(
+        None, gt=0, description="iterations between checkpoints (default: at each validation)"
+    )
     val_episodes: int = Field(200, gt=0, description="fixed seeded meta-validation episodes")
     patience: int = Field(20, gt=0, description="validations without improvement before stopping")
     test_episodes: int = Field(600, gt=0)

@@ -8,18 +8,24 @@ episode's mean support cross-entropy (so each head sees only its own episode's g
 back-propagated through the T steps into the network. Classical (E3): the same network with
 one linear layer over all meta-training classes, trained by ordinary minibatch cross-entropy.
 
-Batch norm: in meta-training the network is in training mode and one forward pass normalises
-the whole meta-batch (support and query of its B episodes) with its own statistics. At
-meta-validation and meta-test (``test_batch_norm``) either each episode is normalised with
-the statistics of its own support+query images ("transductive", the default: what MAML and
-the paper's code did, and closest to training) or with the running statistics accumulated in
-training ("running": no episode sees another's or its own query statistics).
+Batch norm: in meta-training the network is in training mode and, by default
+(``train_batch_norm="episode"``), each episode's support and query images are normalised by
+their own statistics, in one forward pass of the meta-batch (:class:`EpisodeBatchNorm2d`); the
+running statistics take one update per iteration, by the mean of the episodes' statistics.
+No episode's features depend on another's, so a meta-batch split over processes gives the
+numbers of one process (bilevel.distributed). ``"meta-batch"`` normalises the whole meta-batch
+as one batch-norm batch (one process only). At meta-validation and meta-test
+(``test_batch_norm``) either each episode is normalised with the statistics of its own
+support+query images ("transductive", the default: what MAML and the paper's code did, and
+what training does) or with the running statistics accumulated in training ("running": no
+episode sees another's or its own query statistics).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -33,6 +39,72 @@ from ...data import Episodes
 from .config import IMAGES, FewshotConfig
 
 
+class EpisodeBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that, in training with ``episodes`` > 1, normalises each of ``episodes``
+    equal consecutive groups of the batch by the group's own statistics, and updates the
+    running statistics once, by the mean over the groups of their batch statistics. With
+    ``episodes == 1`` (and in eval mode) it is ``nn.BatchNorm2d``; the state dict is the same."""
+
+    episodes = 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        groups = self.episodes
+        if groups == 1 or not self.training:
+            return super().forward(x)
+        channels = x.shape[1]
+        grouped = x.view(groups, x.shape[0] // groups, *x.shape[1:])
+        dims = (1, *range(3, grouped.dim()))  # all but the group and the channel
+        mean = grouped.mean(dims, keepdim=True)
+        var = grouped.var(dims, unbiased=False, keepdim=True)
+        y = (grouped - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            shape = (channels,) + (1,) * (x.dim() - 2)
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = self.momentum
+                if factor is None:  # cumulative moving average, as nn.BatchNorm2d
+                    factor = 1.0 / float(self.num_batches_tracked)
+                count = grouped[0].numel() // channels
+                unbiased = var * (count / max(count - 1, 1))
+                self.running_mean.lerp_(mean.mean(0).flatten(), factor)
+                self.running_var.lerp_(unbiased.mean(0).flatten(), factor)
+        return y.view_as(x)
+
+
+def per_episode_norm(net: nn.Module) -> nn.Module:
+    """Make the BatchNorm2d layers of ``net`` EpisodeBatchNorm2d (in place; same state)."""
+    for module in net.modules():
+        if type(module) is nn.BatchNorm2d:
+            module.__class__ = EpisodeBatchNorm2d
+    return net
+
+
+@contextmanager
+def episode_groups(net: nn.Module, episodes: int) -> Iterator[None]:
+    """Within the block, ``net``'s batch norm normalises ``episodes`` groups separately."""
+    layers = [m for m in net.modules() if isinstance(m, EpisodeBatchNorm2d)]
+    for layer in layers:
+        layer.episodes = episodes
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.episodes = 1
+
+
+def norm_statistics(net: nn.Module) -> list[Tensor]:
+    """The running batch-norm statistics of ``net`` (float buffers)."""
+    return [
+        b
+        for m in net.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for b in (m.running_mean, m.running_var)
+        if b is not None
+    ]
+
+
 class Learner(nn.Module):
     """The network, the learned log inner learning rate (if any) and, for classical training,
     a linear classifier over ``classes`` meta-training classes."""
@@ -40,7 +112,7 @@ class Learner(nn.Module):
     def __init__(self, config: FewshotConfig, classes: int | None = None) -> None:
         super().__init__()
         channels, side = IMAGES[config.dataset]
-        self.net = models.build(config.model, channels, side, config.width)
+        self.net = per_episode_norm(models.build(config.model, channels, side, config.width))
         self.fixed_lr = config.inner_lr
         self.log_lr = (
             nn.Parameter(torch.tensor(math.log(config.inner_lr))) if config.learn_inner_lr else None
@@ -105,14 +177,15 @@ def train_heads(
 def meta_loss(learner: Learner, batch: Episodes, config: FewshotConfig) -> tuple[Tensor, Tensor]:
     """(mean query cross-entropy at w_T, query accuracy) of one meta-batch.
 
-    One forward pass embeds support and query together: one batch-norm batch, as a plain
-    supervised step on the same images would be.
+    One forward pass embeds support and query together; batch norm normalises each episode's
+    images, or the whole meta-batch, as ``config.train_batch_norm`` says.
     """
     b, n_support = batch.support_y.shape
-    images = torch.cat([batch.support_x.flatten(0, 1), batch.query_x.flatten(0, 1)])
-    features = learner.net(images)
-    support = features[: b * n_support].view(b, n_support, -1)
-    query = features[b * n_support :].view(b, -1, features.shape[1])
+    images = torch.cat([batch.support_x, batch.query_x], 1)  # [B, n_s + n_q, C, H, W]
+    groups = b if config.train_batch_norm == "episode" else 1
+    with episode_groups(learner.net, groups):
+        features = learner.net(images.flatten(0, 1)).view(b, images.shape[1], -1)
+    support, query = features[:, :n_support], features[:, n_support:]
     heads = train_heads(
         learner, support, batch.support_y, config.ways, config.inner_steps, config.memory
     )

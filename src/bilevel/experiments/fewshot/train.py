@@ -4,13 +4,22 @@ Every ``validate_every`` iterations the network is evaluated on fixed seeded met
 episodes (the test protocol at T = inner_steps); the best one is kept in ``best.pt`` and
 training stops after ``patience`` validations without improvement. ``checkpoint.pt`` holds
 everything the next iteration depends on (network, optimiser, schedule, sampler and RNG
-states, the pending metrics window), so a resumed run continues with the same numbers. A
-Ctrl-C or SIGTERM is honoured between iterations, after writing a checkpoint.
+states, the pending metrics window and the metrics lines so far), so a resumed run continues
+with the same numbers. A Ctrl-C or SIGTERM is honoured between iterations, after writing a
+checkpoint; a process killed outright (SIGKILL, a lost node) loses at most the iterations since
+the last checkpoint (``checkpoint_every``), and ``--resume`` (or ``BILEVEL_RESUME=auto``, or a
+torchrun restart) continues from it. A non-finite loss or hypergradient stops the run before
+the optimiser step, keeping the last good checkpoint.
+
+Under torchrun the episodes of each meta-batch are split over the processes and the gradients
+averaged (bilevel.distributed); only rank 0 writes files. See docs/distributed.md.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import random
 import signal
 import threading
@@ -22,14 +31,37 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ... import checkpoints
+from ... import checkpoints, distributed
+from ...data import Episodes
+from ...errors import HypergradientError, InnerDivergenceError
 from ..common import seed_everything
 from .config import FewshotConfig
 from .data import ImageSampler, class_sets, episodes
-from .learners import Learner, classical_loss, confidence, evaluate, meta_loss
+from .learners import Learner, classical_loss, confidence, evaluate, meta_loss, norm_statistics
 
 CHECKPOINT, BEST = "checkpoint.pt", "best.pt"
 VALIDATION_SEED = 7919  # mixed with the run's seed: validation episodes differ from training's
+AUTO_RESUME = "BILEVEL_RESUME"  # =auto: resume from --out's checkpoint when there is one
+
+
+class TrainingError(checkpoints.CheckpointError):
+    """A run that cannot go on: it diverged, or its processes do not fit its settings.
+
+    A CheckpointError so that the command line reports it in one line (exit 1), as it does a
+    checkpoint it cannot use; the last good checkpoint is kept.
+    """
+
+
+class _Diverged(Exception):
+    """A non-finite loss or hypergradient in this iteration (all ranks raise it together)."""
+
+
+def auto_resume() -> bool:
+    """Whether a run resumes from its checkpoint without --resume: ``BILEVEL_RESUME=auto``, or
+    a worker that torchrun restarted (``--max-restarts``) after a failure."""
+    if os.environ.get(AUTO_RESUME, "").lower() in ("auto", "1", "true", "yes"):
+        return True
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
 
 
 @dataclass
@@ -51,10 +83,22 @@ def prepare_resume(config: FewshotConfig, out: Path, mode: str) -> Resume:
     if not path.is_file():
         raise checkpoints.CheckpointError(f"--resume: no {CHECKPOINT} in {out}")
     state = checkpoints.load(path, identity(config, mode))
-    metrics = Path(out) / "metrics.jsonl"
-    lines = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+    lines = state.get("history")
+    if lines is None:  # a checkpoint without its metrics lines: read them from metrics.jsonl
+        lines = _metrics_lines(Path(out) / "metrics.jsonl")
     done = state["progress"]["iteration"]
     return Resume(state, [x for x in lines if x.get("iteration", 0) <= done])
+
+
+def _metrics_lines(path: Path) -> list[dict]:
+    lines = []
+    if path.is_file():
+        for text in path.read_text().splitlines():
+            try:
+                lines.append(json.loads(text))
+            except ValueError:  # a line cut short by a killed process
+                break
+    return lines
 
 
 @dataclass
@@ -67,21 +111,55 @@ class Trainer:
     sampler: object  # EpisodeSampler or ImageSampler: sample(), state_dict()
     val_classes: object
     progress: dict
+    group: distributed.Group = field(default_factory=distributed.Group)
+    history: list[dict] = field(default_factory=list)  # the metrics lines so far
+    saved_at: int | None = None  # the iteration of the last checkpoint written or read
 
-    def step(self) -> tuple[float, float]:
-        """One training iteration: (loss, accuracy) of its batch."""
-        device = self.config.device
-        if self.mode == "bilevel":
-            batch = self.sampler.sample().to(device)
-            loss, accuracy = meta_loss(self.learner, batch, self.config)
-        else:
-            images, labels = (t.to(device) for t in self.sampler.sample())
-            loss, accuracy = classical_loss(self.learner, images, labels)
+    def step(self, stop: bool = False) -> tuple[float, float, bool]:
+        """One training iteration: (loss, accuracy) of its whole batch, and whether any rank
+        was asked to stop. Raises _Diverged, on every rank, before the optimiser step when the
+        loss or a gradient is not finite."""
+        group = self.group
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        detail, loss_value, accuracy_value = None, 0.0, 0.0
+        try:
+            if self.mode == "bilevel":
+                batch = self.sampler.sample()
+                mine = distributed.shard(batch, group.rank, group.size, "meta_batch")
+                loss, accuracy = meta_loss(
+                    self.learner, Episodes(*mine).to(group.device), self.config
+                )
+            else:
+                images, labels = distributed.shard(
+                    self.sampler.sample(), group.rank, group.size, "classical_batch"
+                )
+                loss, accuracy = classical_loss(
+                    self.learner, images.to(group.device), labels.to(group.device)
+                )
+            loss_value, accuracy_value = float(loss.detach()), float(accuracy)
+            if math.isfinite(loss_value):
+                loss.backward()
+            else:
+                detail = f"the outer (query) loss is {loss_value}"
+        except (InnerDivergenceError, HypergradientError) as error:
+            detail = str(error)
+        # one all-reduce: the batch's loss and accuracy, stop requests, divergence
+        status = torch.tensor(
+            [loss_value, accuracy_value, float(stop), float(detail is not None)],
+            dtype=torch.float64,
+            device=group.device,
+        )
+        group.sum(status)
+        if status[3] > 0:
+            raise _Diverged(group.first_message(detail))
+        grads = [p.grad for p in self.learner.parameters() if p.grad is not None]
+        group.average(grads)  # each rank's loss is its share's mean: the mean is the batch's
+        if not all(bool(torch.isfinite(g).all()) for g in grads):
+            raise _Diverged("the hypergradient of the network is not finite")
         self.optimizer.step()
         self.schedule.step()
-        return float(loss.detach()), float(accuracy)
+        group.average(norm_statistics(self.learner.net))  # one update by all episodes
+        return float(status[0]) / group.size, float(status[1]) / group.size, bool(status[2])
 
     def validate(self) -> tuple[float, float]:
         rng = np.random.default_rng([self.config.seed, VALIDATION_SEED])
@@ -101,6 +179,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
             "progress": self.progress,
+            "history": self.history,
         }
 
     def restore(self, state: dict) -> None:
@@ -111,18 +190,38 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         self.progress = state["progress"]
+        self.saved_at = self.progress["iteration"]
 
     def save(self, out: Path) -> None:
-        checkpoints.save(out / CHECKPOINT, self.state(), identity(self.config, self.mode))
+        """Write checkpoint.pt (rank 0), never with a non-finite weight or statistic."""
+        state = self.state()
+        bad = [
+            k
+            for k, v in state["learner"].items()
+            if v.is_floating_point() and not bool(torch.isfinite(v).all())
+        ]
+        if bad:
+            raise _Diverged(f"non-finite values in {', '.join(bad[:3])}")
+        if self.group.main:
+            checkpoints.save(out / CHECKPOINT, state, identity(self.config, self.mode))
+        self.saved_at = self.progress["iteration"]
 
 
-def build(config: FewshotConfig, data_dir: Path | None, mode: str, log) -> Trainer:
+def build(
+    config: FewshotConfig,
+    data_dir: Path | None,
+    mode: str,
+    log,
+    group: distributed.Group | None = None,
+) -> Trainer:
+    group = group or distributed.Group(device=config.device)
+    _check_split(config, mode, group.size)
     seed_everything(config.seed)
     sets = class_sets(config, data_dir, ("train", "val"))
     for part, classes in sets.items():
         log.info("%s: %d classes; %s", part, len(classes), classes.note)
     learner = Learner(config, len(sets["train"]) if mode == "classical" else None)
-    learner.to(config.device)
+    learner.to(group.device)
     optimizer = torch.optim.Adam(learner.parameters(), lr=config.outer_lr)
     decay = config.lr_decay
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1 / (1 + decay * t))
@@ -142,39 +241,86 @@ def build(config: FewshotConfig, data_dir: Path | None, mode: str, log) -> Train
         "stopped": None,
         "window": [],
     }
-    return Trainer(config, mode, learner, optimizer, schedule, sampler, sets["val"], progress)
+    return Trainer(
+        config, mode, learner, optimizer, schedule, sampler, sets["val"], progress, group
+    )
+
+
+def _check_split(config: FewshotConfig, mode: str, processes: int) -> None:
+    if processes == 1:
+        return
+    if mode == "bilevel" and config.train_batch_norm != "episode":
+        raise TrainingError(
+            f"train_batch_norm={config.train_batch_norm!r} needs one process: with "
+            f"{processes}, use train_batch_norm=episode (the default)"
+        )
+    batch = config.meta_batch
+    name = "meta_batch"
+    if mode == "classical":
+        name = "classical_batch"
+        batch = config.classical_batch or batch * config.ways * (config.shots + config.queries)
+    if batch % processes:
+        raise TrainingError(f"{name}={batch} does not split evenly over {processes} processes")
 
 
 def run_training(config: FewshotConfig, run, data_dir, mode: str, resume: Resume | None) -> None:
-    trainer = build(config, data_dir, mode, run.log)
-    history = []
+    group = distributed.init(config.device)
+    try:
+        _train(config, run, data_dir, mode, resume, group)
+    finally:
+        group.close()
+
+
+def _train(config, run, data_dir, mode: str, resume: Resume | None, group) -> None:
+    if resume is None and auto_resume() and (run.out / CHECKPOINT).is_file():
+        resume = prepare_resume(config, run.out, mode)
+    if group.main:
+        _remove_temporaries(run.out)
+    trainer = build(config, data_dir, mode, run.log, group)
+    if group.size > 1:
+        run.log.info("%d processes (%s), rank 0 of them logs", group.size, group.device)
     if resume is not None:
         trainer.restore(resume.state)
-        for line in resume.lines:
+        trainer.history = list(resume.lines)
+        for line in trainer.history:
             run.metrics(**line)
-        history = list(resume.lines)
         run.log.info("resumed at iteration %d", trainer.progress["iteration"])
+    group.agree(trainer.progress["iteration"], "the iteration to start from")
     net = trainer.learner.net
     run.update(
-        mode=mode, parameters=sum(p.numel() for p in net.parameters()), features=net.out_features
+        mode=mode,
+        parameters=sum(p.numel() for p in net.parameters()),
+        features=net.out_features,
+        processes=group.size,
     )
     try:
         with _stop_requests() as stop:
-            _loop(trainer, run, history, stop)
+            _loop(trainer, run, stop)
     finally:
         _summarise(trainer, run)
-        if history:
-            plot_curves(run, history)
+        if trainer.history:
+            plot_curves(run, trainer.history)
 
 
-def _loop(trainer: Trainer, run, history: list[dict], stop: threading.Event) -> None:
+def _remove_temporaries(out: Path) -> None:
+    """Partial files a killed process left (the files themselves were never replaced)."""
+    for name in (CHECKPOINT, BEST, "summary.json", "config.json"):
+        for partial in Path(out).glob(f".{name}.*.tmp"):
+            partial.unlink(missing_ok=True)
+
+
+def _loop(trainer: Trainer, run, stop: threading.Event) -> None:
     config, progress, out = trainer.config, trainer.progress, run.out
     bar = run.progress(total=config.iterations, desc=trainer.mode)
     bar.update(progress["iteration"])
     running = None
+    every = config.checkpoint_every or config.validate_every
     while progress["iteration"] < config.iterations and progress["stopped"] is None:
         began = time.perf_counter()
-        loss, accuracy = trainer.step()
+        try:
+            loss, accuracy, stopping = trainer.step(stop.is_set())
+        except _Diverged as error:
+            _diverged(trainer, progress["iteration"] + 1, error)
         progress["iteration"] += 1
         progress["window"].append([loss, accuracy, time.perf_counter() - began])
         running = accuracy if running is None else 0.98 * running + 0.02 * accuracy
@@ -182,19 +328,35 @@ def _loop(trainer: Trainer, run, history: list[dict], stop: threading.Event) -> 
         bar.set_postfix(query_acc=f"{running:.3f}", loss=f"{loss:.3f}")
         i = progress["iteration"]
         if i % config.log_every == 0:
-            _log_window(trainer, run, history)
+            _log_window(trainer, run)
         if i % config.validate_every == 0:
-            _validation(trainer, run, history)
-            trainer.save(out)
-        if stop.is_set():
-            trainer.save(out)
+            _validation(trainer, run)
+        try:
+            if i % config.validate_every == 0 or i % every == 0 or stopping:
+                trainer.save(out)
+        except _Diverged as error:
+            _diverged(trainer, i, error)
+        if stopping:
             raise KeyboardInterrupt
     bar.close()
-    if progress["iteration"] % config.validate_every:  # not yet saved at this iteration
+    if trainer.saved_at != progress["iteration"]:
         trainer.save(out)
 
 
-def _log_window(trainer: Trainer, run, history: list[dict]) -> None:
+def _diverged(trainer: Trainer, iteration: int, error: _Diverged):
+    """Stop with one line; the checkpoint on disk is the last good one."""
+    trainer.progress["stopped"] = f"diverged at iteration {iteration}"
+    kept = (
+        f"{CHECKPOINT} keeps iteration {trainer.saved_at}"
+        if trainer.saved_at is not None
+        else "no checkpoint was written"
+    )
+    raise TrainingError(
+        f"diverged at iteration {iteration}: {error}; stopped without saving ({kept})"
+    ) from None
+
+
+def _log_window(trainer: Trainer, run) -> None:
     window = np.array(trainer.progress.pop("window"))
     trainer.progress["window"] = []
     line = {
@@ -207,10 +369,10 @@ def _log_window(trainer: Trainer, run, history: list[dict]) -> None:
         "seconds": float(window[:, 2].mean()),
     }
     run.metrics(**line)
-    history.append(line)
+    trainer.history.append(line)
 
 
-def _validation(trainer: Trainer, run, history: list[dict]) -> None:
+def _validation(trainer: Trainer, run) -> None:
     progress = trainer.progress
     began = time.perf_counter()
     accuracy, ci95 = trainer.validate()
@@ -221,7 +383,8 @@ def _validation(trainer: Trainer, run, history: list[dict]) -> None:
         )
         progress["stale"] = 0
         best = {"learner": trainer.learner.state_dict(), "progress": dict(progress)}
-        checkpoints.save(run.out / BEST, best, identity(trainer.config, trainer.mode))
+        if trainer.group.main:
+            checkpoints.save(run.out / BEST, best, identity(trainer.config, trainer.mode))
     else:
         progress["stale"] += 1
         if progress["stale"] >= trainer.config.patience:
@@ -235,7 +398,7 @@ def _validation(trainer: Trainer, run, history: list[dict]) -> None:
         "seconds": time.perf_counter() - began,
     }
     run.metrics(**line)
-    history.append(line)
+    trainer.history.append(line)
     run.log.info(
         "iteration %d: validation accuracy %.2f ± %.2f%s",
         progress["iteration"],

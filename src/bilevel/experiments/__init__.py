@@ -22,9 +22,9 @@ class Experiment:
 
 def registry() -> dict[str, Experiment]:
     """All experiments by name (imported lazily so that `bilevel --help` stays fast)."""
-    from . import hyperclean
+    from . import convergence, hparams, hyperclean
 
-    return {e.name: e for e in (hyperclean.EXPERIMENT,)}
+    return {e.name: e for e in (hyperclean.EXPERIMENT, hparams.EXPERIMENT, convergence.EXPERIMENT)}
 
 
 def execute(experiment: Experiment, config: ExperimentConfig, out, data_dir, quiet: bool) -> str:

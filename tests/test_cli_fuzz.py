@@ -105,6 +105,16 @@ def test_corrupt_data_files_are_one_line_exit_1(tmp_path):
     assert not (out / "checkpoint.pt").exists()
 
 
+def test_missing_data_files_are_one_line_exit_1(tmp_path, monkeypatch):
+    monkeypatch.setenv("BILEVEL_OFFLINE", "1")  # no download attempt, whatever the network
+    out = tmp_path / "out"
+    result = in_process("fewshot", "train", "--preset", "quick", "--out", out, "--quiet",
+                        "--data-dir", tmp_path / "empty")  # fmt: skip
+    line = clean_failure(result, code=1)
+    assert "images_background.zip is missing and downloading is disabled" in line
+    failed_run(out)
+
+
 def test_an_unwritable_output_directory_is_one_line_exit_1(tmp_path):
     (tmp_path / "file").write_text("")
     out = tmp_path / "file" / "run"  # under a plain file: no directory can be made there

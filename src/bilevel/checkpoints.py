@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import BilevelError
 from .runs import atomic_write
 
 __all__ = ["CheckpointError", "config_hash", "load", "save"]
@@ -24,7 +25,7 @@ __all__ = ["CheckpointError", "config_hash", "load", "save"]
 MAGIC = b"bilevel-checkpoint v1\n"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(BilevelError, RuntimeError):
     """A checkpoint that cannot be used: corrupt, truncated, or from another configuration."""
 
 

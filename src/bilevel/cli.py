@@ -100,14 +100,13 @@ def _resolve(experiment, preset, config_path, assignments, seed, device, presets
 
 def _execute(experiment, config, out, data_dir, quiet) -> None:
     """Run into `out`; expected failures are one line (exit 1), Ctrl-C exits 130."""
-    from .checkpoints import CheckpointError
-    from .data import DataError
+    from .errors import BilevelError
     from .experiments import execute
 
     out = out or Path("runs") / f"{experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         status = execute(experiment, config, out, data_dir, quiet)
-    except (DataError, PermissionError, CheckpointError) as error:
+    except (BilevelError, PermissionError) as error:  # expected failures: one line, exit 1
         raise click.ClickException(str(error)) from None
     if status == "interrupted":
         click.echo(f"interrupted: a partial result is in {out} (summary.json says so)", err=True)

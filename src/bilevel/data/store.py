@@ -18,6 +18,8 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ..errors import BilevelError
+
 __all__ = [
     "DataError",
     "cache_root",
@@ -35,7 +37,7 @@ _CHUNK = 1 << 20
 Progress = Callable[[int, "int | None"], None]  # (bytes done, total or None)
 
 
-class DataError(Exception):
+class DataError(BilevelError):
     """A data file is missing, corrupt, or could not be fetched; the message says what to do."""
 
 
@@ -159,8 +161,8 @@ def _describe(err: BaseException) -> str:
 
 def _manual_hint(dest: Path, sha256: str) -> str:
     return (
-        f"To install it by hand, download {dest.name} from any mirror and save it as\n"
-        f"  {dest}\n(directory {dest.parent}; expected sha256 {sha256})."
+        f"to install it by hand, download {dest.name} from any mirror and save it as {dest} "
+        f"(expected sha256 {sha256})"
     )
 
 
@@ -182,6 +184,11 @@ def download(
     failure when none succeeds.
     """
     dest = Path(dest)
+    if os.environ.get("BILEVEL_OFFLINE", "") not in ("", "0"):
+        raise DataError(
+            f"{dest.name} is missing and downloading is disabled (BILEVEL_OFFLINE is set); "
+            + _manual_hint(dest, sha256)
+        )
     part = _part_path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     failures = []
@@ -194,11 +201,10 @@ def download(
         if failure is None:
             os.replace(part, dest)
             return dest
-        failures.append(f"  {url}: {failure}")
-    tried = "\n".join(failures) if failures else "  (no mirrors given)"
-    raise DataError(
-        f"could not download {dest.name}; tried:\n{tried}\n{_manual_hint(dest, sha256)}"
-    )
+        failures.append(f"{url} ({failure})")
+    tried = ", ".join(failures) if failures else "no mirrors given"
+    # one line: a command line prints it as its single error line
+    raise DataError(f"could not download {dest.name}; tried {tried}; {_manual_hint(dest, sha256)}")
 
 
 _download = download  # `ensure_file` has a parameter named `download`
@@ -215,7 +221,8 @@ def ensure_file(
     """Path of ``directory/name`` after checking its sha256, downloading it first if absent.
 
     A present file with the wrong checksum raises :class:`DataError` and is left alone: it may be
-    the user's, and silently replacing or using it would hide the problem.
+    the user's, and silently replacing or using it would hide the problem. Setting the
+    environment variable ``BILEVEL_OFFLINE=1`` disables downloads (air-gapped machines, tests).
     """
     path = Path(directory) / name
     if path.is_file():
@@ -228,6 +235,6 @@ def ensure_file(
         return path
     if not download:
         raise DataError(
-            f"{name} is missing and downloading is disabled. " + _manual_hint(path, sha256)
+            f"{name} is missing and downloading is disabled; " + _manual_hint(path, sha256)
         )
     return _download(urls, path, sha256, **download_kwargs)

@@ -33,7 +33,7 @@ import torch
 
 from ... import checkpoints, distributed
 from ...data import Episodes
-from ...errors import HypergradientError, InnerDivergenceError
+from ...errors import BilevelError, HypergradientError, InnerDivergenceError
 from ..common import seed_everything
 from .config import FewshotConfig
 from .data import ImageSampler, class_sets, episodes
@@ -44,11 +44,11 @@ VALIDATION_SEED = 7919  # mixed with the run's seed: validation episodes differ 
 AUTO_RESUME = "BILEVEL_RESUME"  # =auto: resume from --out's checkpoint when there is one
 
 
-class TrainingError(checkpoints.CheckpointError):
+class TrainingError(BilevelError):
     """A run that cannot go on: it diverged, or its processes do not fit its settings.
 
-    A CheckpointError so that the command line reports it in one line (exit 1), as it does a
-    checkpoint it cannot use; the last good checkpoint is kept.
+    The command line reports it in one line (exit 1), like every BilevelError; the last good
+    checkpoint is kept.
     """
 
 

@@ -137,3 +137,81 @@ def test_outer_loop_input_errors():
             torch.optim.SGD([gamma], lr=1),
             warm_start=True,
         )
+
+
+def _ridge_loop(ridge, warm_start=False, method="reverse"):
+    gamma = ridge.gamma.detach().clone().requires_grad_(True)
+    return bilevel.HyperOptimizer(
+        ridge.inner,
+        ridge.outer,
+        ridge.params(),
+        {"gamma": gamma},
+        bilevel.sgd(lr=0.3),
+        15,
+        torch.optim.Adam([gamma], lr=0.05),
+        method=method,
+        warm_start=warm_start,
+        constraints={"gamma": Box(0.0, 10.0)},
+    )
+
+
+def _without_time(history):
+    return [{k: v for k, v in m.items() if k != "seconds"} for m in history]
+
+
+@pytest.mark.parametrize("warm_start", [False, True])
+def test_a_loop_restored_from_its_state_dict_continues_with_the_same_numbers(warm_start, tmp_path):
+    ridge = Ridge()
+    whole = _ridge_loop(ridge, warm_start)
+    whole.run(6)
+    first = _ridge_loop(ridge, warm_start)
+    first.run(3)
+    torch.save(first.state_dict(), tmp_path / "loop.pt")
+    first.run(2)  # later steps do not change the saved state
+    resumed = _ridge_loop(ridge, warm_start)
+    resumed.load_state_dict(torch.load(tmp_path / "loop.pt", weights_only=True))
+    resumed.run(3)
+    assert _without_time(resumed.history) == _without_time(whole.history)
+    assert torch.equal(resumed.hparams["gamma"], whole.hparams["gamma"])
+
+
+def test_a_real_time_loop_restored_from_its_state_dict_continues_with_the_same_numbers():
+    ridge = Ridge()
+
+    def loop():
+        gamma = ridge.gamma.detach().clone().requires_grad_(True)
+        return bilevel.RealTimeHyperOptimizer(
+            ridge.inner,
+            ridge.outer,
+            ridge.params(),
+            {"gamma": gamma},
+            bilevel.sgd(lr=0.3, momentum=0.5),
+            4,
+            torch.optim.Adam([gamma], lr=0.05),
+        )
+
+    whole, first = loop(), loop()
+    whole.run(5)
+    first.run(2)
+    state = first.state_dict()
+    resumed = loop()
+    resumed.load_state_dict(state)
+    resumed.run(3)
+    assert _without_time(resumed.history) == _without_time(whole.history)
+    assert resumed.solver.t == whole.solver.t == 20
+    assert all(torch.equal(a, b) for a, b in zip(resumed.solver.z, whole.solver.z))
+
+
+def test_loading_a_state_of_another_loop_is_a_clear_error():
+    ridge = Ridge()
+    state = _ridge_loop(ridge).state_dict()
+    with pytest.raises(ValueError, match="missing"):
+        _ridge_loop(ridge).load_state_dict({"hparams": {}})
+    other = dict(state, hparams={"beta": state["hparams"]["gamma"]})
+    with pytest.raises(ValueError, match=r"its hparams \['beta'\]"):
+        _ridge_loop(ridge).load_state_dict(other)
+    short = dict(state, hparams={"gamma": state["hparams"]["gamma"][:2]})
+    with pytest.raises(ValueError, match="shape"):
+        _ridge_loop(ridge).load_state_dict(short)
+    with pytest.raises(ValueError, match="warm-start"):
+        _ridge_loop(ridge, warm_start=True).load_state_dict(state)

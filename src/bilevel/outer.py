@@ -4,7 +4,9 @@
 `RealTimeHyperOptimizer` keeps one inner run going and updates the
 hyperparameters every `every` inner steps from forward-mode tangents (RTHO).
 After each update the constraints are applied by projection, and every
-callback receives the iteration's metrics.
+callback receives the iteration's metrics. ``state_dict()``/``load_state_dict()`` capture all a
+loop's next iteration depends on, so a loop restored from a checkpoint continues with the same
+numbers.
 """
 
 from __future__ import annotations
@@ -71,6 +73,45 @@ class _OuterLoop:
         validate.steps(iterations)
         return [self.step() for _ in range(iterations)]
 
+    def state_dict(self) -> dict:
+        """The hyperparameters' values, the optimiser's state, the metrics so far and the inner
+        state carried between iterations (copies: later steps do not change them)."""
+        return {
+            "hparams": _copies(self.hparams),
+            "optimizer": self.optimizer.state_dict(),
+            "history": [dict(m) for m in self.history],
+            "inner": self._inner_state(),
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Continue from ``state_dict()``'s output (of a loop built the same way)."""
+        missing = {"hparams", "optimizer", "history", "inner"} - set(state)
+        if missing:
+            raise ValueError(f"state: not a loop's state_dict (missing {sorted(missing)})")
+        saved = state["hparams"]
+        if set(saved) != set(self.hparams):
+            raise ValueError(
+                f"state: its hparams {sorted(saved)} are not this loop's {sorted(self.hparams)}"
+            )
+        for key, tensor in self.hparams.items():
+            if saved[key].shape != tensor.shape:
+                raise ValueError(
+                    f"state: hparams[{key!r}] has shape {tuple(saved[key].shape)}, this loop's "
+                    f"{tuple(tensor.shape)}"
+                )
+        with torch.no_grad():
+            for key, tensor in self.hparams.items():
+                tensor.copy_(saved[key])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.history = [dict(m) for m in state["history"]]
+        self._load_inner_state(state["inner"])
+
+    def _inner_state(self):
+        return None
+
+    def _load_inner_state(self, inner) -> None:
+        pass
+
 
 class HyperOptimizer(_OuterLoop):
     """Hyper-iterations: inner run of `steps`, hypergradient by `method`, outer step."""
@@ -119,6 +160,17 @@ class HyperOptimizer(_OuterLoop):
             result.value, result.grads, {"seconds": time.perf_counter() - began, **result.info}
         )
 
+    def _inner_state(self):
+        # warm start: the next inner run starts from the last w_T (a callable w_0 has no state
+        # here; an object with state of its own is the caller's to save)
+        return _copies(self.params) if self.warm_start else None
+
+    def _load_inner_state(self, inner) -> None:
+        if self.warm_start:
+            if inner is None or set(inner) != set(self.params):
+                raise ValueError("state: its warm-start params do not match this loop's")
+            self.params = {k: v.to(self.params[k].device).clone() for k, v in inner.items()}
+
 
 class RealTimeHyperOptimizer(_OuterLoop):
     """Real-time forward mode: one inner run, an outer update every `every` inner steps."""
@@ -157,3 +209,13 @@ class RealTimeHyperOptimizer(_OuterLoop):
         return self._update(
             value, grads, {"seconds": time.perf_counter() - began, "inner_step": self.solver.t}
         )
+
+    def _inner_state(self):
+        return self.solver.state_dict()
+
+    def _load_inner_state(self, inner) -> None:
+        self.solver.load_state_dict(inner)
+
+
+def _copies(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in tensors.items()}

@@ -109,6 +109,26 @@ class ForwardSolver:
         tangents = tuple(torch.stack(c) for c in zip(*(col[1] for col in columns)))
         return z, tangents, loss
 
+    def state_dict(self) -> dict:
+        """The inner state, its tangents and the step count (copies)."""
+        return {
+            "z": [v.detach().clone() for v in self.z],
+            "tangents": [v.detach().clone() for v in self.tangents],
+            "t": self.t,
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Continue from ``state_dict()``'s output (of a solver of the same problem)."""
+        for name, now in (("z", self.z), ("tangents", self.tangents)):
+            shapes = [tuple(v.shape) for v in state[name]]
+            if shapes != [tuple(v.shape) for v in now]:
+                raise ValueError(f"state: its {name} have shapes {shapes}, not this solver's")
+        self.z = tuple(v.to(now.device).clone() for v, now in zip(state["z"], self.z))
+        self.tangents = tuple(
+            v.to(now.device).clone() for v, now in zip(state["tangents"], self.tangents)
+        )
+        self.t = int(state["t"])
+
     def vjp(self, adjoint: Mapping[str, Tensor], initial: bool = False):
         """Z_T^T times a cotangent on w_T, as a dict like the hyperparameters (no w_0 part:
         that would be a d x d Jacobian)."""

@@ -14,6 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from bilevel import checkpoints
 from bilevel.cli import main as cli
 from bilevel.data import Episodes
 from bilevel.experiments.fewshot import FewshotConfig
@@ -197,6 +198,30 @@ def test_classical_baseline_trains_and_tests(tmp_path):
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert json.loads((out / "test" / "summary.json").read_text())["episodes"] == 20
+    # the same network on another cell: 10-way 2-shot episodes
+    result = in_process(
+        "fewshot", "test", out, "--data-dir", DATA, "--quiet", "--out", tmp_path / "10w2s",
+        "--set", "test_episodes=20", "--set", "test_steps=[5]", "--set", "test_classes=20",
+        "--set", "ways=10", "--set", "shots=2",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "10w2s" / "summary.json").read_text())
+    assert (summary["ways"], summary["shots"]) == (10, 2)
+    # pretraining, then bilevel fine-tuning: the fine-tuned network starts from the classical one
+    # (another seed than the classical run's: a network of its own unless initialised)
+    tuned = train(tmp_path / "tuned", "--seed", "1", "--set", "iterations=2",
+                  "--set", f"init_from={out}")  # fmt: skip
+    scratch = train(tmp_path / "scratch", "--seed", "1", "--set", "iterations=2")
+    nets = [
+        {k: v for k, v in checkpoints.load(run / "checkpoint.pt")["learner"].items()
+         if k.startswith("net.") and "running" not in k and "batches" not in k}
+        for run in (out, tuned, scratch)
+    ]  # fmt: skip
+    distance = lambda a, b: sum(float((a[k] - b[k]).norm()) for k in a)  # noqa: E731
+    assert distance(nets[1], nets[0]) < 0.1 * distance(nets[2], nets[0])
+    result = in_process("fewshot", "train", *TINY, "--set", "width=0.25",
+                        "--set", f"init_from={out}", "--out", tmp_path / "misfit")  # fmt: skip
+    assert result.exit_code == 1 and "its network does not fit this model" in result.output
 
 
 @pytest.mark.parametrize(
@@ -218,8 +243,8 @@ def test_bad_configuration_is_one_clear_line(args, message, tmp_path):
 
 def test_test_command_refuses_training_settings(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"experiment": "fewshot-train", "config": {}}))
-    result = in_process("fewshot", "test", tmp_path, "--set", "ways=20")
-    assert result.exit_code == 2 and "only device, test_batch_norm" in result.output
+    result = in_process("fewshot", "test", tmp_path, "--set", "inner_steps=3")
+    assert result.exit_code == 2 and "--set inner_steps: only device, queries" in result.output
 
 
 # --- the learner, in process ----------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,9 +21,10 @@ import torch
 from .errors import BilevelError
 from .runs import atomic_write
 
-__all__ = ["CheckpointError", "config_hash", "load", "save"]
+__all__ = ["AUTO_RESUME", "CheckpointError", "auto_resume", "config_hash", "load", "save"]
 
 MAGIC = b"bilevel-checkpoint v1\n"
+AUTO_RESUME = "BILEVEL_RESUME"  # =auto: a run resumes from its output directory's checkpoint
 
 
 class CheckpointError(BilevelError, RuntimeError):
@@ -89,3 +91,11 @@ def _difference(saved: Mapping, config: Mapping) -> str:
         f"{k}={saved.get(k, unset)!r} there, {here.get(k, unset)!r} here" for k in keys[:5]
     )
     return f"was written with another configuration: {shown or 'the hashes differ'}"
+
+
+def auto_resume() -> bool:
+    """Whether a run resumes from its checkpoint without --resume: ``BILEVEL_RESUME=auto``, or
+    a worker that torchrun restarted (``--max-restarts``) after a failure."""
+    if os.environ.get(AUTO_RESUME, "").lower() in ("auto", "1", "true", "yes"):
+        return True
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0

@@ -100,6 +100,7 @@ def _resolve(experiment, preset, config_path, assignments, seed, device, presets
 
 def _execute(experiment, config, out, data_dir, quiet) -> None:
     """Run into `out`; expected failures are one line (exit 1), Ctrl-C exits 130."""
+    from .distributed import env_rank
     from .errors import BilevelError
     from .experiments import execute
 
@@ -111,7 +112,8 @@ def _execute(experiment, config, out, data_dir, quiet) -> None:
     if status == "interrupted":
         click.echo(f"interrupted: a partial result is in {out} (summary.json says so)", err=True)
         sys.exit(130)
-    click.echo(f"completed: results in {out}", err=True)
+    if env_rank() == 0:  # under torchrun, one line for all the processes
+        click.echo(f"completed: results in {out}", err=True)
 
 
 def _show(config) -> None:
@@ -125,38 +127,56 @@ def _experiment_command(experiment) -> click.Command:
 
     @click.command(experiment.name, help=experiment.summary)
     @_experiment_options(experiment.presets)
-    def command(preset, config_path, assignments, seed, device, out, data_dir, quiet, show_config):
+    @_resume_option
+    def command(
+        preset, config_path, assignments, seed, device, out, data_dir, quiet, show_config, resume
+    ):
+        from .experiments import stages, with_inputs
+
         config = _resolve(experiment, preset, config_path, assignments, seed, device)
         if show_config:
             _show(config)
             return
-        _execute(experiment, config, out, data_dir, quiet)
+        state = _read_checkpoint(resume, out, stages.prepare_resume, experiment.name, config)
+        _execute(with_inputs(experiment, resume=state), config, out, data_dir, quiet)
 
     return command
+
+
+_resume_option = click.option(
+    "--resume", is_flag=True, help="continue the run in --out from its checkpoint"
+)
+
+
+def _read_checkpoint(resume: bool, out, prepare, *args):
+    """The verified checkpoint of --out when --resume is given (one-line errors otherwise)."""
+    from .checkpoints import CheckpointError
+
+    if not resume:
+        return None
+    if out is None:
+        raise click.UsageError("--resume needs --out, the directory of the run")
+    try:
+        return prepare(*args, out)
+    except CheckpointError as error:
+        raise click.ClickException(str(error)) from None
 
 
 def _fewshot_training(name: str, experiment, mode: str) -> click.Command:
     @click.command(name, help=experiment.summary)
     @_experiment_options(experiment.presets)
-    @click.option("--resume", is_flag=True, help="continue the run in --out from its checkpoint")
+    @_resume_option
     def command(
         preset, config_path, assignments, seed, device, out, data_dir, quiet, show_config, resume
     ):
-        from .checkpoints import CheckpointError
-        from .experiments.fewshot import prepare_resume, with_inputs
+        from .experiments import with_inputs
+        from .experiments.fewshot import prepare_resume
 
         config = _resolve(experiment, preset, config_path, assignments, seed, device)
         if show_config:
             _show(config)
             return
-        state = None
-        if resume:
-            if out is None:
-                raise click.UsageError("--resume needs --out, the directory of the run")
-            try:
-                state = prepare_resume(config, out, mode)
-            except CheckpointError as error:
-                raise click.ClickException(str(error)) from None
+        state = _read_checkpoint(resume, out, lambda out: prepare_resume(config, out, mode))
         _execute(with_inputs(experiment, resume=state), config, out, data_dir, quiet)
 
     return command
@@ -180,7 +200,8 @@ def _fewshot_test(experiment) -> click.Command:
     @click.option("--quiet", is_flag=True, help="no progress bar and no log on the console")
     def command(source, assignments, device, out, data_dir, quiet):
         from .checkpoints import CheckpointError
-        from .experiments.fewshot import test_overrides, training_run, with_inputs
+        from .experiments import with_inputs
+        from .experiments.fewshot import test_overrides, training_run
 
         try:
             test_overrides(assignments)

@@ -109,13 +109,30 @@ def init(device: str = "cpu") -> Group:
             if not dist.is_available():
                 raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
             backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
-            dist.init_process_group(backend=backend)
+            dist.init_process_group(backend=backend, **_fresh_store(rank, size))
             owned = True
     if size > 1 and torch.device(device).type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
         device = f"cuda:{local}"
         torch.cuda.set_device(device)
     return Group(rank, size, device, owned)
+
+
+def _fresh_store(rank: int, size: int) -> dict:
+    """After a torchrun restart (``--max-restarts``), a store namespace of this attempt.
+
+    The workers of every attempt share torchrun's store; the backend's rendezvous keys of the
+    killed attempt are still in it, and a restarted worker that starts before its peers can read
+    a dead peer's address and fail to connect. A prefix per attempt keeps the attempts apart.
+    """
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if attempt == 0:
+        return {}
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size, is_master=False
+    )
+    prefixed = dist.PrefixStore(f"bilevel/attempt-{attempt}", store)
+    return {"store": prefixed, "rank": rank, "world_size": size}
 
 
 def shard(tensors: Sequence[torch.Tensor], rank: int, size: int, what: str = "batch") -> list:

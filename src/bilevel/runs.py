@@ -66,6 +66,7 @@ class Run:
         self.quiet = quiet
         self._metrics = open(self.out / "metrics.jsonl", "w", encoding="utf-8")  # noqa: SIM115
         self.log = _file_logger(self.out / "run.log", quiet)
+        self.log.info("start: %s", config.get("experiment", "run"))
         atomic_write(self.out / "config.json", to_json(config))
 
     def metrics(self, **values) -> None:
@@ -167,7 +168,8 @@ def _file_logger(path: Path, quiet: bool) -> logging.Logger:
     logger.setLevel(logging.INFO)
     logger.propagate = False
     formatter = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    file_handler = logging.FileHandler(path, mode="w", encoding="utf-8")
+    # appended: a resumed run keeps the log of its earlier starts
+    file_handler = logging.FileHandler(path, mode="a", encoding="utf-8")
     file_handler.setFormatter(formatter)
     logger.addHandler(file_handler)
     if not quiet:

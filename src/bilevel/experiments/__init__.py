@@ -6,7 +6,8 @@ Experiments use only the public API of the library, as users do.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 
 from .config import ExperimentConfig
 
@@ -25,6 +26,11 @@ def registry() -> dict[str, Experiment]:
     from . import convergence, hparams, hyperclean
 
     return {e.name: e for e in (hyperclean.EXPERIMENT, hparams.EXPERIMENT, convergence.EXPERIMENT)}
+
+
+def with_inputs(experiment: Experiment, **inputs) -> Experiment:
+    """The experiment with keyword inputs its run needs beyond (config, run, data_dir)."""
+    return replace(experiment, run=partial(experiment.run, **inputs))
 
 
 def execute(experiment: Experiment, config: ExperimentConfig, out, data_dir, quiet: bool) -> str:

@@ -46,6 +46,14 @@ class ExperimentConfig(BaseModel):
         return value
 
 
+class StagedConfig(ExperimentConfig):
+    """Settings of an experiment run in stages (bilevel.experiments.stages)."""
+
+    checkpoint_every: int = Field(
+        10, gt=0, description="hyper-iterations between checkpoints inside a stage"
+    )
+
+
 def read_file(path: Path) -> dict:
     """A config file's contents as a dict (TOML by .toml, YAML by .yaml/.yml)."""
     path = Path(path)

@@ -29,8 +29,6 @@ f_T(lambda_T) and the test accuracy of the T-step classifier w_T(lambda_T).
 
 from __future__ import annotations
 
-import io
-import time
 import warnings
 from dataclasses import dataclass
 from itertools import accumulate
@@ -45,16 +43,15 @@ from torch.nn import functional as F
 import bilevel
 
 from ..data import load_omniglot
-from ..runs import atomic_write
-from . import Experiment
+from . import Experiment, stages
 from .common import accuracy, linear_logits, seed_everything, zero_linear
-from .config import ExperimentConfig
+from .config import StagedConfig
 
 CHARACTERS, DRAWINGS, PIXELS = 1623, 20, 28 * 28
 EXACT = "exact"
 
 
-class ConvergenceConfig(ExperimentConfig):
+class ConvergenceConfig(StagedConfig):
     classes: int = Field(
         100, ge=2, le=CHARACTERS, description="Omniglot characters, one class each"
     )
@@ -258,14 +255,17 @@ def hyper_optimizer(config, data, representation: Tensor, horizon: int | None):
     return loop, None
 
 
-def optimise(config, data, representation_0: Tensor, horizon: int | None, run) -> tuple:
-    """`hyper_iterations` steps from lambda_0; returns (lambda_T, history, seconds)."""
-    label = label_of(horizon)
+def optimise(config, data, representation_0: Tensor, horizon: int | None, run, stage) -> tuple:
+    """`hyper_iterations` steps from lambda_0, continued from the stage's checkpoint if it was
+    interrupted; returns (lambda_T, history, seconds of its hyper-iterations)."""
     representation = representation_0.clone().requires_grad_(True)
     loop, solver = hyper_optimizer(config, data, representation, horizon)
-    bar = run.progress(total=config.hyper_iterations, desc=label)
-    began = time.perf_counter()
-    for _ in range(config.hyper_iterations):
+    done, saved = stage.restore(loop)
+    if solver is not None and saved is not None:  # where the exact inner solve continues from
+        solver.last, solver.steps = saved["last"], saved["steps"]
+    bar = run.progress(total=config.hyper_iterations, desc=stage.name)
+    bar.update(done)
+    for iteration in range(done + 1, config.hyper_iterations + 1):
         steps_before = solver.steps if solver is not None else 0
         with warnings.catch_warnings():  # an inexact CG solve is recorded in the metrics
             warnings.simplefilter("ignore", bilevel.SolverWarning)
@@ -274,11 +274,14 @@ def optimise(config, data, representation_0: Tensor, horizon: int | None, run) -
             metrics["inner_steps"] = solver.steps - steps_before
             metrics["inner_gradient_norm"] = solver.gradient_norm
         norm = float(representation.detach().norm())
-        run.metrics(run=label, T=horizon, **metrics, representation_norm=norm)
+        stage.metrics(run=stage.name, T=horizon, **metrics, representation_norm=norm)
+        extra = None if solver is None else {"last": solver.last, "steps": solver.steps}
+        stage.done(loop, iteration, config.hyper_iterations, extra)
         bar.update()
         bar.set_postfix(outer=f"{metrics['outer_loss']:.4f}")
     bar.close()
-    return representation.detach(), loop.history, time.perf_counter() - began
+    seconds = sum(m["seconds"] for m in loop.history)
+    return representation.detach(), loop.history, seconds
 
 
 def label_of(horizon: int | None) -> str:
@@ -375,13 +378,14 @@ def plot_curves(run, histories: dict[str, list[dict]]) -> None:
     run.plot(figure, "outer_loss")
 
 
-def save_representations(run, representations: dict[str, Tensor]) -> None:
-    buffer = io.BytesIO()
-    torch.save({k: v.cpu() for k, v in representations.items()}, buffer)
-    atomic_write(run.out / "representations.pt", buffer.getvalue())
+def run_experiment(config: ConvergenceConfig, run, data_dir: Path | None, resume=None) -> None:
+    """Stages: one per horizon T, and the exact problem (bilevel.experiments.stages)."""
+    with stages.session("convergence", config, run, resume) as session:
+        _run_stages(session, run, data_dir)
 
 
-def run_experiment(config: ConvergenceConfig, run, data_dir: Path | None) -> None:
+def _run_stages(session, run, data_dir) -> None:
+    config = session.config
     generator = seed_everything(config.seed)
     data = make_data(config, data_dir, generator)
     representation_0 = initial_representation(config, generator)
@@ -395,31 +399,41 @@ def run_experiment(config: ConvergenceConfig, run, data_dir: Path | None) -> Non
         PIXELS,
         config.features,
     )
-    rows, histories, representations = [], {}, {"initial": representation_0}
     initial = evaluate(config, data, representation_0, None)
     run.update(initial={"f": initial["f"], "test_accuracy": initial["test_accuracy"]})
-    horizons = [*config.horizons, *([None] if config.exact else [])]
-    for horizon in horizons:
-        representation, history, seconds = optimise(config, data, representation_0, horizon, run)
+    horizons = {label_of(h): h for h in [*config.horizons, *([None] if config.exact else [])]}
+    rows = []
+
+    def work(label, stage):
+        horizon = horizons[label]
+        representation, history, seconds = optimise(
+            config, data, representation_0, horizon, run, stage
+        )
         row = {**evaluate(config, data, representation, horizon), "seconds": seconds}
+        return {"row": row, "history": history, "representation": representation}
+
+    def report(label, result):
+        row = result["row"]
         rows.append(row)
-        label = row["run"]
-        histories[label], representations[label] = history, representation
         run.update(rows=rows)
         run.log.info(
             "%s: f(lambda_T) %.4f, test accuracy %.4f (%.0f s)",
             label,
             row["f"],
             row["test_accuracy"],
-            seconds,
+            row["seconds"],
         )
-    save_representations(run, representations)
+
+    results = session.map(horizons, work, report)
+    representations = {"initial": representation_0.cpu()}
+    representations.update({label: r["representation"] for label, r in results.items()})
+    run.save(representations, "representations.pt")
     if any(r["T"] is not None for r in rows):
         plot_against_T(
             run, rows, "f", "f_T", "outer objective (validation loss)", "outer_objective"
         )
         plot_against_T(run, rows, "test_accuracy", "test_accuracy_T", "test accuracy", "accuracy")
-    plot_curves(run, histories)
+    plot_curves(run, {label: r["history"] for label, r in results.items()})
     run.log.info("results:\n%s", table(rows))
 
 

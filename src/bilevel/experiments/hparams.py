@@ -41,9 +41,9 @@ from torch.nn import functional as F
 import bilevel
 
 from ..data import load_mnist
-from . import Experiment
+from . import Experiment, stages
 from .common import seed_everything
-from .config import ExperimentConfig
+from .config import StagedConfig
 
 CLASSES = 10
 FEATURES = 784
@@ -51,7 +51,7 @@ Mode = Literal["restart", "real-time", "warm"]
 NAMES = ("lr", "momentum", "weight_decay")
 
 
-class HparamsConfig(ExperimentConfig):
+class HparamsConfig(StagedConfig):
     train: int = Field(10000, gt=0, description="training examples (MNIST training set)")
     validation: int = Field(5000, gt=0, description="validation examples (MNIST training set)")
     test: int = Field(10000, gt=0, le=10000, description="test examples (MNIST test set)")
@@ -271,8 +271,10 @@ class Stopwatch:
     """Wall and CPU seconds since it started. The machine may be shared: wall time then charges
     a method for others' load, while the process's CPU time is the compute it actually got."""
 
-    def __init__(self):
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
+    def __init__(self, since: dict[str, float] | None = None):
+        since = since or {"elapsed": 0.0, "cpu": 0.0}  # a resumed mode's time before the kill
+        self.wall = time.perf_counter() - since["elapsed"]
+        self.cpu = time.process_time() - since["cpu"]
 
     def read(self) -> dict[str, float]:
         return {"elapsed": time.perf_counter() - self.wall, "cpu": time.process_time() - self.cpu}
@@ -313,9 +315,10 @@ def hyper_optimizer(task: Task, mode: str, hparams):
     )
 
 
-def learn(task: Task, mode: str, run) -> dict:
-    """Run one mode; returns its trajectory (hyperparameters after each update, with the wall
-    time and inner steps at which they were reached) and how it ended."""
+def learn(task: Task, mode: str, run, stage) -> dict:
+    """Run one mode, continued from the stage's checkpoint if it was interrupted; returns its
+    trajectory (hyperparameters after each update, with the wall time and inner steps at which
+    they were reached) and how it ended."""
     config = task.config
     initial = initial_values(config)
     hparams = task.start(initial)
@@ -323,11 +326,15 @@ def learn(task: Task, mode: str, run) -> dict:
         updates = config.total_real_time_steps // config.every
     else:
         updates = config.hyper_iterations
-    trajectory = [{"elapsed": 0.0, "cpu": 0.0, "inner_step": 0, **initial}]
-    status, bar = "completed", run.progress(total=updates, desc=mode)
-    clock = Stopwatch()
     loop = hyper_optimizer(task, mode, hparams)
-    for iteration in range(1, updates + 1):
+    done, saved = stage.restore(loop)
+    trajectory = [{"elapsed": 0.0, "cpu": 0.0, "inner_step": 0, **initial}]
+    if saved is not None:
+        trajectory = saved["trajectory"]
+    status, bar = "completed", run.progress(total=updates, desc=mode)
+    bar.update(done)
+    clock = Stopwatch(None if saved is None else saved["clock"])
+    for iteration in range(done + 1, updates + 1):
         try:
             metrics = loop.step()
         except (bilevel.InnerDivergenceError, bilevel.HypergradientError) as error:
@@ -340,7 +347,8 @@ def learn(task: Task, mode: str, run) -> dict:
             **readable(hparams),
         }
         trajectory.append(point)
-        run.metrics(**{"mode": mode, **metrics, **point})
+        stage.metrics(**{"mode": mode, **metrics, **point})
+        stage.done(loop, iteration, updates, {"trajectory": trajectory, "clock": clock.read()})
         bar.update()
         bar.set_postfix(outer=f"{metrics['outer_loss']:.4f}", lr=f"{point['lr']:.3g}")
     bar.close()
@@ -373,7 +381,7 @@ def sample(config: HparamsConfig, generator: torch.Generator) -> dict[str, float
     }
 
 
-def random_search(task: Task, budget: dict, generator: torch.Generator, run) -> list[dict]:
+def random_search(task: Task, budget: dict, generator: torch.Generator, stage) -> list[dict]:
     """Trials until both budgets (wall and CPU seconds) are spent; each with the best so far."""
     trials, best = [], math.inf
     clock = Stopwatch()
@@ -388,7 +396,7 @@ def random_search(task: Task, budget: dict, generator: torch.Generator, run) -> 
             **clock.read(),
             "best_val_loss": finite(best),
         }
-        run.metrics(mode="random", **trial)
+        stage.metrics(mode="random", **trial)
         trials.append(trial | {"loss": loss})
     return trials
 
@@ -497,7 +505,14 @@ def plot_wall_time(run, curves, trials):
     run.plot(figure, "wall_time")
 
 
-def run_experiment(config: HparamsConfig, run, data_dir: Path | None) -> None:
+def run_experiment(config: HparamsConfig, run, data_dir: Path | None, resume=None) -> None:
+    """Stages: one per mode, then random search in their time (bilevel.experiments.stages)."""
+    with stages.session("hparams", config, run, resume) as session:
+        _run_stages(session, run, data_dir)
+
+
+def _run_stages(session, run, data_dir) -> None:
+    config = session.config
     generator = seed_everything(config.seed)
     data = make_data(config, data_dir, generator)
     task = Task(config, data, generator)
@@ -511,14 +526,19 @@ def run_experiment(config: HparamsConfig, run, data_dir: Path | None) -> None:
     )
     run.update(initial=task.judge(initial_values(config)))
     warm_up(task)
-    results = []
-    for mode in config.modes:
-        results.append(learn(task, mode, run))
-        run.log.info("%s: %s in %.1f s", mode, results[-1]["status"], results[-1]["elapsed"])
+
+    def report(mode, result):
+        run.log.info("%s: %s in %.1f s", mode, result["status"], result["elapsed"])
+
+    learned = session.map(config.modes, lambda mode, stage: learn(task, mode, run, stage), report)
+    results = list(learned.values())
     trials = None
     if config.random_search:
         budget = {clock: max(r[clock] for r in results) for clock in ("elapsed", "cpu")}
-        trials = random_search(task, budget, torch.Generator().manual_seed(config.seed + 1), run)
+        generator = torch.Generator().manual_seed(config.seed + 1)
+        trials = session.map(
+            ["random search"], lambda _, stage: random_search(task, budget, generator, stage)
+        )["random search"]
         best = best_of(trials)
         run.update(
             random_search={

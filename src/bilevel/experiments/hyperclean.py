@@ -12,7 +12,6 @@ flagging corrupted examples (lambda_i ~ 0).
 
 from __future__ import annotations
 
-import time
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -25,9 +24,9 @@ import bilevel
 from bilevel.constraints import L1Ball
 
 from ..data import load_mnist
-from . import Experiment
+from . import Experiment, stages
 from .common import accuracy, f1_score, linear_logits, seed_everything, train_linear, zero_linear
-from .config import ExperimentConfig
+from .config import StagedConfig
 
 CLASSES = 10
 Method = Literal[
@@ -35,7 +34,7 @@ Method = Literal[
 ]
 
 
-class HypercleanConfig(ExperimentConfig):
+class HypercleanConfig(StagedConfig):
     train: int = Field(5000, gt=0, description="training examples (some corrupted)")
     validation: int = Field(5000, gt=0, description="clean validation examples")
     test: int = Field(10000, gt=0, le=10000, description="test examples (MNIST test set)")
@@ -162,8 +161,9 @@ def method_options(config: HypercleanConfig, method: str) -> dict:
     return {}
 
 
-def learn_weights(config, data, radius, run, method, iterations, label, warm_start=None):
-    """Projected Adam on the example weights; returns (weights, final inner params, loop)."""
+def learn_weights(config, data, radius, run, stage, method, iterations, warm_start=None):
+    """Projected Adam on the example weights, continued from the stage's checkpoint if it was
+    interrupted; returns (weights, final inner params, loop)."""
     inner, outer = problem(data, radius)
     n = len(data["train_y"])
     weights = torch.full((n,), radius / n, device=data["train_x"].device, requires_grad=True)
@@ -180,13 +180,16 @@ def learn_weights(config, data, radius, run, method, iterations, label, warm_sta
         constraints={"weights": L1Ball(radius, bound=1.0, nonnegative=True)},
         **method_options(config, method),
     )
-    bar = run.progress(total=iterations, desc=label)
-    for _ in range(iterations):
+    done, _ = stage.restore(loop)
+    bar = run.progress(total=iterations, desc=stage.name)
+    bar.update(done)
+    for iteration in range(done + 1, iterations + 1):
         with warnings.catch_warnings():  # an inexact implicit solve is logged, not printed
             warnings.simplefilter("ignore", bilevel.SolverWarning)
             metrics = loop.step()
         scores = f1_score(flagged(config, weights.detach(), radius), data["corrupted"])
-        run.metrics(run=label, radius=radius, method=method, **metrics, **scores)
+        stage.metrics(run=stage.name, radius=radius, method=method, **metrics, **scores)
+        stage.done(loop, iteration, iterations)
         bar.update()
         bar.set_postfix(outer=f"{metrics['outer_loss']:.4f}", f1=f"{scores['f1']:.3f}")
     bar.close()
@@ -220,40 +223,40 @@ def retrain(config, data, weights, radius) -> float:
     return accuracy(params, data["test_x"], data["test_y"])
 
 
-def compare_methods(config, data, run) -> list[dict]:
-    """Each method for a few hyper-iterations at the largest radius: time and outcome.
+def compare_method(config, data, run, stage, method) -> dict:
+    """One method for a few hyper-iterations at the largest radius: time and outcome.
 
     Implicit methods assume w_T near a minimum, so they continue from the last w_T
     (warm start); the unrolled ones follow the main run's setting.
     """
-    rows = []
-    for method in config.compare_methods:
-        began = time.perf_counter()
-        warm = True if method in ("implicit-cg", "implicit-neumann", "fixed-point") else None
-        weights, params, loop = learn_weights(
-            config,
-            data,
-            max(config.radii),
-            run,
-            method,
-            config.compare_iterations,
-            f"compare {method}",
-            warm_start=warm,
-        )
-        seconds = time.perf_counter() - began
-        rows.append(
-            {
-                "method": method,
-                "iterations": config.compare_iterations,
-                "warm_start": loop.warm_start,
-                "seconds_per_iteration": seconds / config.compare_iterations,
-                "final_outer_loss": loop.history[-1]["outer_loss"],
-                "f1": f1_score(flagged(config, weights, max(config.radii)), data["corrupted"])[
-                    "f1"
-                ],
-            }
-        )
-    return rows
+    warm = True if method in ("implicit-cg", "implicit-neumann", "fixed-point") else None
+    radius, iterations = max(config.radii), config.compare_iterations
+    weights, _, loop = learn_weights(
+        config, data, radius, run, stage, method, iterations, warm_start=warm
+    )
+    return {
+        "method": method,
+        "iterations": iterations,
+        "warm_start": loop.warm_start,
+        "seconds_per_iteration": sum(m["seconds"] for m in loop.history) / iterations,
+        "final_outer_loss": loop.history[-1]["outer_loss"],
+        "f1": f1_score(flagged(config, weights, radius), data["corrupted"])["f1"],
+    }
+
+
+def learn_radius(config, data, run, stage, radius) -> dict:
+    """The main run at one radius: its row (DH, DH-R, F1), the weights and the loss curve."""
+    weights, params, loop = learn_weights(
+        config, data, radius, run, stage, config.method, config.hyper_iterations
+    )
+    row = {
+        "radius": radius,
+        "dh": accuracy(params, data["test_x"], data["test_y"]),
+        "dh_r": retrain(config, data, weights, radius),
+        **f1_score(flagged(config, weights, radius), data["corrupted"]),
+        "seconds": sum(m["seconds"] for m in loop.history),
+    }
+    return {"row": row, "weights": weights, "history": loop.history}
 
 
 def plot_weights(run, results, data):
@@ -284,7 +287,14 @@ def plot_curves(run, histories):
     run.plot(figure, "outer_loss")
 
 
-def run_experiment(config: HypercleanConfig, run, data_dir: Path | None) -> None:
+def run_experiment(config: HypercleanConfig, run, data_dir: Path | None, resume=None) -> None:
+    """Stages: the baselines, one per radius, one per compared method (bilevel stages)."""
+    with stages.session("hyperclean", config, run, resume) as session:
+        _run_stages(session, run, data_dir)
+
+
+def _run_stages(session, run, data_dir) -> None:
+    config = session.config
     generator = seed_everything(config.seed)
     data = make_data(config, data_dir, generator)
     run.log.info(
@@ -294,33 +304,38 @@ def run_experiment(config: HypercleanConfig, run, data_dir: Path | None) -> None
         config.validation,
         config.test,
     )
-    run.update(**baselines(config, data))
-    run.log.info("baseline %.4f, oracle %.4f", run.summary["baseline"], run.summary["oracle"])
-    rows, learned, histories = [], {}, {}
-    for radius in config.radii:
-        weights, params, loop = learn_weights(
-            config, data, radius, run, config.method, config.hyper_iterations, f"R={radius:g}"
-        )
-        scores = f1_score(flagged(config, weights, radius), data["corrupted"])
-        row = {
-            "radius": radius,
-            "dh": accuracy(params, data["test_x"], data["test_y"]),
-            "dh_r": retrain(config, data, weights, radius),
-            **scores,
-            "seconds": sum(m["seconds"] for m in loop.history),
-        }
-        rows.append(row)
-        learned[radius], histories[radius] = weights, loop.history
-        run.update(rows=rows)
-        run.log.info("R=%g: DH %.4f, DH-R %.4f, F1 %.3f", radius, row["dh"], row["dh_r"], row["f1"])
+    radii = {f"R={r:g}": r for r in config.radii}
+    compared = {f"compare {m}": m for m in config.compare_methods if config.compare_iterations}
+    rows, compare_rows = [], []
+
+    def work(name, stage):
+        if name == "baselines":
+            return baselines(config, data)
+        if name in radii:
+            return learn_radius(config, data, run, stage, radii[name])
+        return compare_method(config, data, run, stage, compared[name])
+
+    def report(name, result):
+        if name == "baselines":
+            run.update(**result)
+            run.log.info("baseline %.4f, oracle %.4f", result["baseline"], result["oracle"])
+        elif name in radii:
+            row = result["row"]
+            rows.append(row)
+            run.update(rows=rows)
+            run.log.info("%s: DH %.4f, DH-R %.4f, F1 %.3f", name, row["dh"], row["dh_r"], row["f1"])
+        else:
+            compare_rows.append(result)
+            run.update(methods=compare_rows)
+
+    results = session.map(["baselines", *radii, *compared], work, report)
+    learned = {r: results[name]["weights"] for name, r in radii.items()}
     run.save(
-        {"weights": {r: w.cpu() for r, w in learned.items()}, "corrupted": data["corrupted"].cpu()},
+        {"weights": learned, "corrupted": data["corrupted"].cpu()},
         "weights.pt",
     )
     plot_weights(run, learned, data)
-    plot_curves(run, histories)
-    if config.compare_iterations:
-        run.update(methods=compare_methods(config, data, run))
+    plot_curves(run, {r: results[name]["history"] for name, r in radii.items()})
 
 
 EXPERIMENT = Experiment(

@@ -25,7 +25,6 @@ __all__ = [
     "prepare_resume",
     "test_overrides",
     "training_run",
-    "with_inputs",
 ]
 
 TRAIN = Experiment(
@@ -49,10 +48,3 @@ TEST = Experiment(
     presets={},
     run=run_test,
 )
-
-
-def with_inputs(experiment: Experiment, **inputs) -> Experiment:
-    """The experiment with keyword inputs its run needs beyond (config, run, data_dir)."""
-    from dataclasses import replace
-
-    return replace(experiment, run=partial(experiment.run, **inputs))

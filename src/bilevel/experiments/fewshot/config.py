@@ -24,6 +24,9 @@ TEST_KEYS = frozenset(
     {"test_classes", "test_episodes", "test_steps", "test_batch_norm", "test_seed", "device"}
 )
 NOT_HASHED = TEST_KEYS - {"test_batch_norm"} | {"iterations", "checkpoint_every"}
+# Episode settings a test may change: a representation trained on 5-way episodes tested on
+# 20-way ones, or a classical network on every cell.
+EPISODE_KEYS = frozenset({"ways", "shots", "queries"})
 # (validation uses test_batch_norm)
 
 
@@ -38,6 +41,11 @@ class FewshotConfig(ExperimentConfig):
         "omniglot-conv"
     )
     width: float = Field(1.0, gt=0, description="scales every layer's filters (1 = the paper)")
+    init_from: str | None = Field(
+        None,
+        description="a training run directory (bilevel or classical) whose network (best.pt) "
+        "initialises this one: pretraining, then bilevel fine-tuning",
+    )
     ways: int = Field(5, gt=0, description="N classes per episode")
     shots: int = Field(1, gt=0, description="K support examples per class")
     queries: int = Field(15, gt=0, description="query examples per class")

@@ -10,7 +10,7 @@ import torch
 
 from ... import checkpoints
 from ..common import seed_everything
-from .config import TEST_KEYS, FewshotConfig
+from .config import EPISODE_KEYS, TEST_KEYS, FewshotConfig
 from .data import class_sets, episodes
 from .learners import Learner, confidence, evaluate
 from .train import BEST, CHECKPOINT, identity
@@ -32,10 +32,11 @@ def training_run(source: Path) -> tuple[dict, str]:
 
 def test_overrides(assignments) -> None:
     """Only test settings may change between training and testing."""
+    allowed = TEST_KEYS | EPISODE_KEYS
     for assignment in assignments:
         key = assignment.partition("=")[0].strip()
-        if key not in TEST_KEYS:
-            raise ValueError(f"--set {key}: only {', '.join(sorted(TEST_KEYS))} can be set here")
+        if key not in allowed:
+            raise ValueError(f"--set {key}: only {', '.join(sorted(allowed))} can be set here")
 
 
 def run_test(config: FewshotConfig, run, data_dir, source: Path, mode: str) -> None:
@@ -57,6 +58,8 @@ def run_test(config: FewshotConfig, run, data_dir, source: Path, mode: str) -> N
         accuracy=main["accuracy"],
         ci95=main["ci95"],
         steps=config.inner_steps,
+        ways=config.ways,
+        shots=config.shots,
         episodes=config.test_episodes,
         batch_norm=config.test_batch_norm,
         inner_lr=learner.inner_lr(),
@@ -77,7 +80,9 @@ def run_test(config: FewshotConfig, run, data_dir, source: Path, mode: str) -> N
 def _trained(config: FewshotConfig, source: Path, mode: str, run) -> Learner:
     """The network of ``source``'s best validation (its last checkpoint if it never validated)."""
     path = source / BEST if (source / BEST).is_file() else source / CHECKPOINT
-    state = checkpoints.load(path, identity(config, mode))
+    trained, _ = training_run(source)  # the episodes it was trained on, for its identity
+    as_trained = config.model_copy(update={k: trained[k] for k in EPISODE_KEYS})
+    state = checkpoints.load(path, identity(as_trained, mode))
     weights = {k: v for k, v in state["learner"].items() if not k.startswith("classifier.")}
     learner = Learner(config)
     learner.load_state_dict(weights)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import signal
 import threading
@@ -41,7 +40,6 @@ from .learners import Learner, classical_loss, confidence, evaluate, meta_loss, 
 
 CHECKPOINT, BEST = "checkpoint.pt", "best.pt"
 VALIDATION_SEED = 7919  # mixed with the run's seed: validation episodes differ from training's
-AUTO_RESUME = "BILEVEL_RESUME"  # =auto: resume from --out's checkpoint when there is one
 
 
 class TrainingError(BilevelError):
@@ -54,14 +52,6 @@ class TrainingError(BilevelError):
 
 class _Diverged(Exception):
     """A non-finite loss or hypergradient in this iteration (all ranks raise it together)."""
-
-
-def auto_resume() -> bool:
-    """Whether a run resumes from its checkpoint without --resume: ``BILEVEL_RESUME=auto``, or
-    a worker that torchrun restarted (``--max-restarts``) after a failure."""
-    if os.environ.get(AUTO_RESUME, "").lower() in ("auto", "1", "true", "yes"):
-        return True
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
 
 
 @dataclass
@@ -221,6 +211,9 @@ def build(
     for part, classes in sets.items():
         log.info("%s: %d classes; %s", part, len(classes), classes.note)
     learner = Learner(config, len(sets["train"]) if mode == "classical" else None)
+    if config.init_from is not None:
+        initialise(learner, Path(config.init_from))
+        log.info("network initialised from %s", config.init_from)
     learner.to(group.device)
     optimizer = torch.optim.Adam(learner.parameters(), lr=config.outer_lr)
     decay = config.lr_decay
@@ -244,6 +237,22 @@ def build(
     return Trainer(
         config, mode, learner, optimizer, schedule, sampler, sets["val"], progress, group
     )
+
+
+def initialise(learner: Learner, source: Path) -> None:
+    """Pretraining: start from the network of another run (its best validation)."""
+    path = source / BEST if (source / BEST).is_file() else source / CHECKPOINT
+    if not path.is_file():
+        raise checkpoints.CheckpointError(f"init_from={source}: no {BEST} or {CHECKPOINT} there")
+    state = checkpoints.load(path)
+    weights = {k[4:]: v for k, v in state["learner"].items() if k.startswith("net.")}
+    try:
+        learner.net.load_state_dict(weights)
+    except RuntimeError as error:
+        first = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
+        raise checkpoints.CheckpointError(
+            f"init_from={source}: its network does not fit this model ({first})"
+        ) from None
 
 
 def _check_split(config: FewshotConfig, mode: str, processes: int) -> None:
@@ -272,7 +281,7 @@ def run_training(config: FewshotConfig, run, data_dir, mode: str, resume: Resume
 
 
 def _train(config, run, data_dir, mode: str, resume: Resume | None, group) -> None:
-    if resume is None and auto_resume() and (run.out / CHECKPOINT).is_file():
+    if resume is None and checkpoints.auto_resume() and (run.out / CHECKPOINT).is_file():
         resume = prepare_resume(config, run.out, mode)
     if group.main:
         _remove_temporaries(run.out)

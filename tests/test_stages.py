@@ -151,3 +151,24 @@ def test_resuming_from_another_configuration_or_without_a_checkpoint_is_one_clea
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 1 and len(stderr.strip().splitlines()) == 1, stderr
     assert "another configuration: hyper_iterations=3 there, 16 here" in stderr
+
+
+@needs("hyperclean")
+def test_a_diverging_stage_stops_with_one_line_and_keeps_the_finished_stages(tmp_path):
+    # an inner learning rate of 1e5 leaves the unrolled stages finite (and useless) but makes
+    # the implicit hypergradient infinite
+    out = tmp_path / "diverging"
+    settings = ["--set", "inner_lr=1e5", "--set", "compare_methods=[reverse,implicit-cg]"]
+    process = start([*command("hyperclean", out), *settings])
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1 and len(stderr.strip().splitlines()) == 1, stderr
+    assert "compare implicit-cg: the hypergradient of 'weights' is NaN or infinite" in stderr
+    assert "checkpoint.pt keeps the stages finished before: baselines, R=300, R=500" in stderr
+    assert json.loads((out / "summary.json").read_text())["status"] == "failed"
+    state = checkpoints.load(out / "checkpoint.pt")
+    assert list(state["finished"]) == ["baselines", "R=300", "R=500", "compare reverse"]
+    before = (out / "checkpoint.pt").read_bytes()
+    process = start([*command("hyperclean", out, "--resume"), *settings])
+    _, again = process.communicate(timeout=300)
+    assert process.returncode == 1 and again == stderr  # the same stop; the checkpoint kept
+    assert (out / "checkpoint.pt").read_bytes() == before

@@ -139,11 +139,19 @@ class Session:
         stage = Stage(name, self, saved)
         try:
             result = work(name, stage)
-        except BilevelError as error:
+        except BilevelError as error:  # divergence, bad data: stop, keeping the checkpoint
+            message = f"{name}: {error}; stopped ({CHECKPOINT} {self._kept()})"
             if self.group.size == 1:
-                raise
-            return {"error": f"{name}: {error}"}
+                raise StageError(message) from None
+            return {"error": message}
         return {"result": _to_cpu(result), "lines": stage.lines}
+
+    def _kept(self) -> str:
+        if self.current is not None:
+            return f"keeps {self.current['name']} at hyper-iteration {self.current['iteration']}"
+        if self.finished:
+            return f"keeps the stages finished before: {', '.join(self.finished)}"
+        return "was not written"
 
     def _gather(self, outcome: dict | None) -> list[dict]:
         if self.group.size == 1:

@@ -296,3 +296,23 @@ def test_evaluation_continues_heads_exactly_and_keeps_running_statistics():
     assert all(torch.equal(before[k], after[k]) for k in before)  # running stats untouched
     running = evaluate(learner, Batches(batch), 3, [7], "running")
     assert running[7].shape == (3,) and learner.net.training
+
+
+def test_evaluation_split_over_ranks_gives_each_episode_once():
+    torch.manual_seed(0)
+    learner = Learner(FewshotConfig(width=0.25))
+    draws = [random_episodes(seed=s) for s in range(3)]
+
+    class Stream:  # three different draws, then again
+        def __init__(self):
+            self.i = 0
+
+        def sample(self):
+            self.i += 1
+            return draws[(self.i - 1) % 3]
+
+    whole = evaluate(learner, Stream(), 8, [5], "transductive")[5]  # 3 + 3 + 2 episodes
+    shares = [evaluate(learner, Stream(), 8, [5], "transductive", share=(r, 2))[5] for r in (0, 1)]
+    mine = [[False] * 3 + [True] * 3 + [False] * 2, [True] * 3 + [False] * 3 + [True] * 2]
+    assert [list(np.isnan(s)) for s in shares] == mine
+    np.testing.assert_array_equal(np.where(np.isnan(shares[0]), shares[1], shares[0]), whole)

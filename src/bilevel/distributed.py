@@ -74,6 +74,20 @@ class Group:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
 
+    def fill(self, values: torch.Tensor) -> torch.Tensor:
+        """Every rank's non-NaN entries, on every rank: each entry is computed by exactly one
+        rank and NaN elsewhere (a shared evaluation split over the ranks)."""
+        if self.size == 1:
+            return values
+        mine = ~torch.isnan(values)
+        summed = torch.where(mine, values, torch.zeros_like(values)).to(self.device)
+        count = mine.to(summed.dtype).to(self.device)
+        dist.all_reduce(summed)
+        dist.all_reduce(count)
+        if not bool((count == 1).all()):
+            raise RuntimeError("fill: every entry must be computed by exactly one rank")
+        return summed.to(values.device)
+
     def first_message(self, mine: str | None) -> str:
         """The first message any rank holds (a collective: every rank calls it)."""
         if self.size == 1:

@@ -205,21 +205,34 @@ def classical_loss(learner: Learner, images: Tensor, labels: Tensor) -> tuple[Te
 
 @torch.no_grad()
 def evaluate(
-    learner: Learner, sampler, episodes: int, steps: list[int], batch_norm: str
+    learner: Learner,
+    sampler,
+    episodes: int,
+    steps: list[int],
+    batch_norm: str,
+    share: tuple[int, int] = (0, 1),
 ) -> dict[int, np.ndarray]:
     """Query accuracy of each of ``episodes`` episodes after T steps, for every T in ``steps``.
 
     Heads are trained from zero under no_grad (solve stores nothing). T is increased in
     order, continuing from the previous w_T: plain gradient descent has no other state.
+    ``share=(rank, processes)``: every process draws every batch (the sampler's stream stays
+    the same) and evaluates batches rank, rank + processes, ...; the others' entries are NaN,
+    to be filled in by the other processes (:func:`bilevel.distributed.Group.fill`).
     """
+    rank, processes = share
     results: dict[int, list[np.ndarray]] = {t: [] for t in steps}
-    device, done = next(learner.parameters()).device, 0
+    device, done, draw = next(learner.parameters()).device, 0, 0
     while done < episodes:
-        batch = sampler.sample().to(device)
+        batch = sampler.sample()
         keep = min(batch.support_y.shape[0], episodes - done)
-        for t, correct in _batch_accuracy(learner, batch, sorted(steps), batch_norm).items():
+        if draw % processes == rank:
+            accuracy = _batch_accuracy(learner, batch.to(device), sorted(steps), batch_norm)
+        else:
+            accuracy = {t: np.full(keep, np.nan, dtype=np.float32) for t in steps}
+        for t, correct in accuracy.items():
             results[t].append(correct[:keep])
-        done += keep
+        done, draw = done + keep, draw + 1
     return {t: np.concatenate(v) for t, v in results.items()}
 
 

@@ -154,11 +154,16 @@ class Trainer:
     def validate(self) -> tuple[float, float]:
         rng = np.random.default_rng([self.config.seed, VALIDATION_SEED])
         sampler = episodes(self.config, self.val_classes, self.config.meta_batch, rng)
-        steps = self.config.inner_steps
+        steps, group = self.config.inner_steps, self.group
         correct = evaluate(
-            self.learner, sampler, self.config.val_episodes, [steps], self.config.test_batch_norm
-        )
-        return confidence(correct[steps])
+            self.learner,
+            sampler,
+            self.config.val_episodes,
+            [steps],
+            self.config.test_batch_norm,
+            share=(group.rank, group.size),
+        )[steps]
+        return confidence(group.fill(torch.from_numpy(correct)).numpy())
 
     def state(self) -> dict:
         return {

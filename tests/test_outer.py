@@ -166,13 +166,19 @@ def test_a_loop_restored_from_its_state_dict_continues_with_the_same_numbers(war
     whole.run(6)
     first = _ridge_loop(ridge, warm_start)
     first.run(3)
-    torch.save(first.state_dict(), tmp_path / "loop.pt")
-    first.run(2)  # later steps do not change the saved state
-    resumed = _ridge_loop(ridge, warm_start)
-    resumed.load_state_dict(torch.load(tmp_path / "loop.pt", weights_only=True))
-    resumed.run(3)
-    assert _without_time(resumed.history) == _without_time(whole.history)
-    assert torch.equal(resumed.hparams["gamma"], whole.hparams["gamma"])
+    state = first.state_dict()
+    first.run(2)  # later steps do not change the state taken before them
+    for restored in (state, torch.load(_saved(state, tmp_path), weights_only=True)):
+        resumed = _ridge_loop(ridge, warm_start)
+        resumed.load_state_dict(restored)
+        resumed.run(3)
+        assert _without_time(resumed.history) == _without_time(whole.history)
+        assert torch.equal(resumed.hparams["gamma"], whole.hparams["gamma"])
+
+
+def _saved(state, directory):
+    torch.save(state, directory / "loop.pt")
+    return directory / "loop.pt"
 
 
 def test_a_real_time_loop_restored_from_its_state_dict_continues_with_the_same_numbers():

@@ -81,9 +81,14 @@ def uninterrupted(tmp_path_factory):
     return get
 
 
-def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> None:
+def written_at(path: Path) -> int:
+    return path.stat().st_mtime_ns if path.is_file() else 0
+
+
+def wait_for(path: Path, process: subprocess.Popen, after: int = 0, seconds: float = 120) -> None:
+    """Until ``path`` is written (again: later than ``after``, a st_mtime_ns)."""
     deadline = time.time() + seconds
-    while not path.is_file():
+    while written_at(path) <= after:
         assert time.time() < deadline and process.poll() is None, process.stderr.read()
         time.sleep(0.01)
 
@@ -96,10 +101,11 @@ def test_killed_at_random_moments_and_resumed_gives_the_uninterrupted_numbers(
     rng, kills = random.Random(seed), 0  # a failure names its seed
     for attempt in range(3):  # killed twice after a checkpoint, at a random moment; then left
         resume = ["--resume"] if (out / "checkpoint.pt").is_file() else []
+        before = written_at(out / "checkpoint.pt")
         process = start(command(experiment, out, *resume))
         if attempt == 2:
             break
-        wait_for(out / "checkpoint.pt", process)
+        wait_for(out / "checkpoint.pt", process, after=before)  # this attempt's own checkpoint
         time.sleep(rng.uniform(0.0, 1.5))
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)

@@ -89,13 +89,23 @@ class Group:
         return summed.to(values.device)
 
     def first_message(self, mine: str | None) -> str:
-        """The first message any rank holds (a collective: every rank calls it)."""
+        """The first message any rank holds, "" if none (a collective: every rank calls it)."""
         if self.size == 1:
             return mine or ""
         messages: list = [None] * self.size
         dist.all_gather_object(messages, mine)
         rank, message = next(((r, m) for r, m in enumerate(messages) if m), (0, ""))
-        return message if rank == self.rank else f"on rank {rank}: {message}"
+        if not message or rank == self.rank:
+            return message
+        return f"on rank {rank}: {message}"
+
+    def broadcast(self, value):
+        """Rank 0's ``value`` (any picklable object) on every rank."""
+        if self.size == 1:
+            return value
+        box = [value if self.main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def agree(self, value: int, what: str) -> None:
         """Check that every rank holds the same integer ``value`` (e.g. the resumed iteration)."""
@@ -140,8 +150,8 @@ def _fresh_store(rank: int, size: int) -> dict:
     a dead peer's address and fail to connect. A prefix per attempt keeps the attempts apart.
     """
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    if attempt == 0:
-        return {}
+    if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}  # (without the agent's store, rank 0 hosts a fresh one: nothing stale)
     store = dist.TCPStore(
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size, is_master=False
     )

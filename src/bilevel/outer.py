@@ -11,6 +11,7 @@ numbers.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Iterable, Mapping
 
@@ -78,7 +79,7 @@ class _OuterLoop:
         state carried between iterations (copies: later steps do not change them)."""
         return {
             "hparams": _copies(self.hparams),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),  # its tensors are live
             "history": [dict(m) for m in self.history],
             "inner": self._inner_state(),
         }

@@ -199,7 +199,7 @@ class ExactInner:
         self.gradient_norm = gradient_norm(self.inner, params, lam)
         while self.gradient_norm > self.tolerance:
             if steps >= self.max_steps:
-                raise RuntimeError(
+                raise bilevel.BilevelError(
                     f"the inner problem did not reach |grad L| <= {self.tolerance:g} in "
                     f"{self.max_steps} steps (at {self.gradient_norm:.2e}): raise "
                     "exact_max_steps or exact_tolerance"
@@ -262,7 +262,9 @@ def optimise(config, data, representation_0: Tensor, horizon: int | None, run, s
     loop, solver = hyper_optimizer(config, data, representation, horizon)
     done, saved = stage.restore(loop)
     if solver is not None and saved is not None:  # where the exact inner solve continues from
-        solver.last, solver.steps = saved["last"], saved["steps"]
+        device = data["train_x"].device
+        solver.last = {k: v.to(device) for k, v in saved["last"].items()}
+        solver.steps = saved["steps"]
     bar = run.progress(total=config.hyper_iterations, desc=stage.name)
     bar.update(done)
     for iteration in range(done + 1, config.hyper_iterations + 1):

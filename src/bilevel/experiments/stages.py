@@ -125,6 +125,8 @@ class Session:
             mine = batch[self.group.rank] if self.group.rank < len(batch) else None
             outcome = self._compute(mine, work) if mine is not None else None
             for name, item in zip(batch, self._gather(outcome)):
+                if item["name"] != name:
+                    raise StageError(f"the ranks disagree on the stages: {item['name']} for {name}")
                 if size > 1:
                     for line in item["lines"]:
                         self.run.metrics(**line)
@@ -143,8 +145,12 @@ class Session:
             message = f"{name}: {error}; stopped ({CHECKPOINT} {self._kept()})"
             if self.group.size == 1:
                 raise StageError(message) from None
-            return {"error": message}
-        return {"result": _to_cpu(result), "lines": stage.lines}
+            return {"name": name, "error": message}
+        except Exception as error:  # a bug: with several ranks, every rank must still stop
+            if self.group.size == 1:
+                raise
+            return {"name": name, "error": f"{name}: {type(error).__name__}: {error}"}
+        return {"name": name, "result": _to_cpu(result), "lines": stage.lines}
 
     def _kept(self) -> str:
         if self.current is not None:
@@ -182,8 +188,11 @@ def session(
     the metrics lines of the resumed part written back to metrics.jsonl."""
     group = distributed.init(config.device)
     try:
-        if resume is None and checkpoints.auto_resume() and (run.out / CHECKPOINT).is_file():
-            resume = prepare_resume(experiment, config, run.out)
+        if group.main:
+            _remove_temporaries(run.out)
+            if resume is None and checkpoints.auto_resume() and (run.out / CHECKPOINT).is_file():
+                resume = prepare_resume(experiment, config, run.out)
+        resume = group.broadcast(resume)  # what rank 0 read: every rank starts from the same
         config = config.model_copy(update={"device": group.device})
         state = Session(experiment, config, run, group)
         if resume is not None:
@@ -191,8 +200,9 @@ def session(
             for item in state.finished.values():
                 for line in item["lines"]:
                     run.metrics(**line)
-            for line in (state.current or {}).get("lines", []):
-                run.metrics(**line)
+            if group.size == 1:  # (with several, the stage's lines come back with its result)
+                for line in (state.current or {}).get("lines", []):
+                    run.metrics(**line)
             run.log.info(
                 "resumed: %d stages finished%s",
                 len(state.finished),
@@ -205,6 +215,12 @@ def session(
         yield state
     finally:
         group.close()
+
+
+def _remove_temporaries(out: Path) -> None:
+    """Partial files a killed process left (the files themselves were never replaced)."""
+    for partial in Path(out).glob(".*.tmp"):
+        partial.unlink(missing_ok=True)
 
 
 def _to_cpu(value):

@@ -155,14 +155,22 @@ class Trainer:
         rng = np.random.default_rng([self.config.seed, VALIDATION_SEED])
         sampler = episodes(self.config, self.val_classes, self.config.meta_batch, rng)
         steps, group = self.config.inner_steps, self.group
-        correct = evaluate(
-            self.learner,
-            sampler,
-            self.config.val_episodes,
-            [steps],
-            self.config.test_batch_norm,
-            share=(group.rank, group.size),
-        )[steps]
+        correct, failure = None, None
+        try:
+            correct = evaluate(
+                self.learner,
+                sampler,
+                self.config.val_episodes,
+                [steps],
+                self.config.test_batch_norm,
+                share=(group.rank, group.size),
+            )[steps]
+        except BilevelError as error:  # every rank must learn of it before the next collective
+            failure = f"meta-validation: {error}"
+        if group.size > 1:
+            failure = group.first_message(failure) or None
+        if failure is not None:
+            raise _Diverged(failure)
         return confidence(group.fill(torch.from_numpy(correct)).numpy())
 
     def state(self) -> dict:
@@ -208,6 +216,7 @@ def build(
     mode: str,
     log,
     group: distributed.Group | None = None,
+    fresh: bool = True,
 ) -> Trainer:
     group = group or distributed.Group(device=config.device)
     _check_split(config, mode, group.size)
@@ -216,7 +225,7 @@ def build(
     for part, classes in sets.items():
         log.info("%s: %d classes; %s", part, len(classes), classes.note)
     learner = Learner(config, len(sets["train"]) if mode == "classical" else None)
-    if config.init_from is not None:
+    if config.init_from is not None and fresh:
         initialise(learner, Path(config.init_from))
         log.info("network initialised from %s", config.init_from)
     learner.to(group.device)
@@ -290,7 +299,7 @@ def _train(config, run, data_dir, mode: str, resume: Resume | None, group) -> No
         resume = prepare_resume(config, run.out, mode)
     if group.main:
         _remove_temporaries(run.out)
-    trainer = build(config, data_dir, mode, run.log, group)
+    trainer = build(config, data_dir, mode, run.log, group, fresh=resume is None)
     if group.size > 1:
         run.log.info("%d processes (%s), rank 0 of them logs", group.size, group.device)
     if resume is not None:
@@ -343,9 +352,9 @@ def _loop(trainer: Trainer, run, stop: threading.Event) -> None:
         i = progress["iteration"]
         if i % config.log_every == 0:
             _log_window(trainer, run)
-        if i % config.validate_every == 0:
-            _validation(trainer, run)
         try:
+            if i % config.validate_every == 0:
+                _validation(trainer, run)
             if i % config.validate_every == 0 or i % every == 0 or stopping:
                 trainer.save(out)
         except _Diverged as error:

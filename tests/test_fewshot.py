@@ -316,3 +316,9 @@ def test_evaluation_split_over_ranks_gives_each_episode_once():
     mine = [[False] * 3 + [True] * 3 + [False] * 2, [True] * 3 + [False] * 3 + [True] * 2]
     assert [list(np.isnan(s)) for s in shares] == mine
     np.testing.assert_array_equal(np.where(np.isnan(shares[0]), shares[1], shares[0]), whole)
+
+
+def test_a_setting_added_later_leaves_earlier_checkpoints_loadable():
+    # runs checkpointed before init_from existed must still resume and test
+    assert "init_from" not in FewshotConfig().hashed()
+    assert FewshotConfig(init_from="runs/pretrained").hashed()["init_from"] == "runs/pretrained"

@@ -24,6 +24,9 @@ TEST_KEYS = frozenset(
     {"test_classes", "test_episodes", "test_steps", "test_batch_norm", "test_seed", "device"}
 )
 NOT_HASHED = TEST_KEYS - {"test_batch_norm"} | {"iterations", "checkpoint_every"}
+# Settings added after runs were checkpointed, with the value that means "not used": at that
+# value they are left out of a checkpoint's identity, so the earlier runs still load.
+ADDED_LATER = {"init_from": None}
 # Episode settings a test may change: a representation trained on 5-way episodes tested on
 # 20-way ones, or a classical network on every cell.
 EPISODE_KEYS = frozenset({"ways", "shots", "queries"})
@@ -110,8 +113,14 @@ class FewshotConfig(ExperimentConfig):
         return {p: min(n, limits[p] or n) for p, n in sizes.items()}
 
     def hashed(self) -> dict:
-        """The settings a checkpoint must agree with to be resumed or tested."""
-        return {k: v for k, v in self.model_dump().items() if k not in NOT_HASHED}
+        """The settings a checkpoint must agree with to be resumed or tested (settings added
+        later leave the identity of runs that do not use them unchanged)."""
+        settings = self.model_dump()
+        return {
+            k: v
+            for k, v in settings.items()
+            if k not in NOT_HASHED and not (k in ADDED_LATER and v == ADDED_LATER[k])
+        }
 
 
 def _preset(dataset: str, ways: int, shots: int) -> dict:

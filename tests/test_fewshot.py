@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from bilevel import checkpoints
 from bilevel.cli import main as cli
 from bilevel.data import Episodes
-from bilevel.experiments.fewshot import FewshotConfig
+from bilevel.experiments.fewshot import PRESETS, FewshotConfig
 from bilevel.experiments.fewshot.learners import Learner, evaluate, train_heads
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -322,3 +322,13 @@ def test_a_setting_added_later_leaves_earlier_checkpoints_loadable():
     # runs checkpointed before init_from existed must still resume and test
     assert "init_from" not in FewshotConfig().hashed()
     assert FewshotConfig(init_from="runs/pretrained").hashed()["init_from"] == "runs/pretrained"
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_resolves_and_states_its_cell(preset):
+    config = FewshotConfig(**PRESETS[preset])
+    if preset != "quick":
+        dataset, cell = preset.split("-")[:2]
+        assert (config.dataset, f"{config.ways}w{config.shots}s") == (dataset, cell)
+    if preset.endswith("resnet"):
+        assert config.model == "resnet-paper"

@@ -152,6 +152,15 @@ PRESETS = {
         ("miniimagenet", 5, 5),
     )
 }
+for _shots in (1, 5):  # the residual representations on mini-ImageNet
+    PRESETS[f"miniimagenet-5w{_shots}s-resnet"] = {
+        **PRESETS[f"miniimagenet-5w{_shots}s"],
+        "model": "resnet-paper",
+    }
+    PRESETS[f"miniimagenet-5w{_shots}s-resnet12"] = {
+        **PRESETS[f"miniimagenet-5w{_shots}s"],
+        "model": "resnet12",
+    }
 PRESETS["quick"] = {
     **PRESETS["omniglot-5w1s"],
     "iterations": 600,

@@ -178,3 +178,13 @@ def test_a_diverging_stage_stops_with_one_line_and_keeps_the_finished_stages(tmp
     _, again = process.communicate(timeout=300)
     assert process.returncode == 1 and again == stderr  # the same stop; the checkpoint kept
     assert (out / "checkpoint.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("experiment", sorted(RUNS))
+def test_resume_without_an_output_directory_is_a_usage_error(experiment):
+    from click.testing import CliRunner
+
+    from bilevel.cli import main
+
+    result = CliRunner().invoke(main, [experiment, "--preset", "quick", "--resume"])
+    assert result.exit_code == 2 and "--resume needs --out" in result.output

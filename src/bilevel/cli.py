@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import click
@@ -122,12 +123,13 @@ def _show(config) -> None:
     click.echo(to_json(config.model_dump()), nl=False)
 
 
-def _experiment_command(experiment) -> click.Command:
-    """One subcommand per experiment, all with the same options."""
+def _experiment_command(experiment, name: str | None = None, prepare=None) -> click.Command:
+    """One subcommand per experiment, all with the same options. ``prepare(config, out)`` reads
+    the checkpoint that --resume continues from (default: a staged experiment's)."""
 
-    @click.command(experiment.name, help=experiment.summary)
+    @click.command(name or experiment.name, help=experiment.summary)
     @_experiment_options(experiment.presets)
-    @_resume_option
+    @click.option("--resume", is_flag=True, help="continue the run in --out from its checkpoint")
     def command(
         preset, config_path, assignments, seed, device, out, data_dir, quiet, show_config, resume
     ):
@@ -137,19 +139,16 @@ def _experiment_command(experiment) -> click.Command:
         if show_config:
             _show(config)
             return
-        state = _read_checkpoint(resume, out, stages.prepare_resume, experiment.name, config)
+        read = prepare or (lambda config, out: stages.prepare_resume(experiment.name, config, out))
+        state = _read_checkpoint(resume, out, lambda out: read(config, out))
         _execute(with_inputs(experiment, resume=state), config, out, data_dir, quiet)
 
     return command
 
 
-_resume_option = click.option(
-    "--resume", is_flag=True, help="continue the run in --out from its checkpoint"
-)
-
-
-def _read_checkpoint(resume: bool, out, prepare, *args):
-    """The verified checkpoint of --out when --resume is given (one-line errors otherwise)."""
+def _read_checkpoint(resume: bool, out, read):
+    """The verified checkpoint of --out, ``read(out)``, when --resume is given (one-line errors
+    otherwise)."""
     from .checkpoints import CheckpointError
 
     if not resume:
@@ -157,29 +156,9 @@ def _read_checkpoint(resume: bool, out, prepare, *args):
     if out is None:
         raise click.UsageError("--resume needs --out, the directory of the run")
     try:
-        return prepare(*args, out)
+        return read(out)
     except CheckpointError as error:
         raise click.ClickException(str(error)) from None
-
-
-def _fewshot_training(name: str, experiment, mode: str) -> click.Command:
-    @click.command(name, help=experiment.summary)
-    @_experiment_options(experiment.presets)
-    @_resume_option
-    def command(
-        preset, config_path, assignments, seed, device, out, data_dir, quiet, show_config, resume
-    ):
-        from .experiments import with_inputs
-        from .experiments.fewshot import prepare_resume
-
-        config = _resolve(experiment, preset, config_path, assignments, seed, device)
-        if show_config:
-            _show(config)
-            return
-        state = _read_checkpoint(resume, out, lambda out: prepare_resume(config, out, mode))
-        _execute(with_inputs(experiment, resume=state), config, out, data_dir, quiet)
-
-    return command
 
 
 def _fewshot_test(experiment) -> click.Command:
@@ -215,14 +194,24 @@ def _fewshot_test(experiment) -> click.Command:
     return command
 
 
+def _fewshot_checkpoint(config, out, mode: str):
+    from .experiments.fewshot import prepare_resume
+
+    return prepare_resume(config, out, mode)
+
+
 def _fewshot_group() -> click.Group:
     from .experiments import fewshot
 
     group = click.Group(
         "fewshot", help="Few-shot learning with a hyper-representation (train, classical, test)."
     )
-    group.add_command(_fewshot_training("train", fewshot.TRAIN, "bilevel"))
-    group.add_command(_fewshot_training("classical", fewshot.CLASSICAL, "classical"))
+    for name, experiment, mode in (
+        ("train", fewshot.TRAIN, "bilevel"),
+        ("classical", fewshot.CLASSICAL, "classical"),
+    ):
+        read = partial(_fewshot_checkpoint, mode=mode)
+        group.add_command(_experiment_command(experiment, name, read))
     group.add_command(_fewshot_test(fewshot.TEST))
     return group
 

@@ -38,6 +38,13 @@ def atomic_write(path: Path, data: bytes | str) -> None:
         raise
 
 
+def remove_partial_writes(out: Path) -> None:
+    """The temporary files of ``atomic_write`` calls that a killed process left in ``out`` (the
+    files they were to replace are whole)."""
+    for partial in Path(out).glob(".*.tmp"):
+        partial.unlink(missing_ok=True)
+
+
 def to_json(value) -> str:
     return json.dumps(value, indent=2, sort_keys=False, default=_jsonable) + "\n"
 

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from .. import checkpoints, distributed
 from ..errors import BilevelError
+from ..runs import remove_partial_writes
 from .config import ExperimentConfig
 
 CHECKPOINT = "checkpoint.pt"
@@ -189,7 +190,7 @@ def session(
     group = distributed.init(config.device)
     try:
         if group.main:
-            _remove_temporaries(run.out)
+            remove_partial_writes(run.out)
             if resume is None and checkpoints.auto_resume() and (run.out / CHECKPOINT).is_file():
                 resume = prepare_resume(experiment, config, run.out)
         resume = group.broadcast(resume)  # what rank 0 read: every rank starts from the same
@@ -215,12 +216,6 @@ def session(
         yield state
     finally:
         group.close()
-
-
-def _remove_temporaries(out: Path) -> None:
-    """Partial files a killed process left (the files themselves were never replaced)."""
-    for partial in Path(out).glob(".*.tmp"):
-        partial.unlink(missing_ok=True)
 
 
 def _to_cpu(value):

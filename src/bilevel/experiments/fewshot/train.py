@@ -33,6 +33,7 @@ import torch
 from ... import checkpoints, distributed
 from ...data import Episodes
 from ...errors import BilevelError, HypergradientError, InnerDivergenceError
+from ...runs import remove_partial_writes
 from ..common import seed_everything
 from .config import FewshotConfig
 from .data import ImageSampler, class_sets, episodes
@@ -298,7 +299,7 @@ def _train(config, run, data_dir, mode: str, resume: Resume | None, group) -> No
     if resume is None and checkpoints.auto_resume() and (run.out / CHECKPOINT).is_file():
         resume = prepare_resume(config, run.out, mode)
     if group.main:
-        _remove_temporaries(run.out)
+        remove_partial_writes(run.out)
     trainer = build(config, data_dir, mode, run.log, group, fresh=resume is None)
     if group.size > 1:
         run.log.info("%d processes (%s), rank 0 of them logs", group.size, group.device)
@@ -323,13 +324,6 @@ def _train(config, run, data_dir, mode: str, resume: Resume | None, group) -> No
         _summarise(trainer, run)
         if trainer.history:
             plot_curves(run, trainer.history)
-
-
-def _remove_temporaries(out: Path) -> None:
-    """Partial files a killed process left (the files themselves were never replaced)."""
-    for name in (CHECKPOINT, BEST, "summary.json", "config.json"):
-        for partial in Path(out).glob(f".{name}.*.tmp"):
-            partial.unlink(missing_ok=True)
 
 
 def _loop(trainer: Trainer, run, stop: threading.Event) -> None:

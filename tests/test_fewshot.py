@@ -121,6 +121,23 @@ def test_test_command_reports_accuracy_with_ci_by_inner_steps(trained, tmp_path)
 
 
 @needs_omniglot
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_run_made_on_a_gpu_is_tested_here_with_device_cpu(trained, tmp_path):
+    run = tmp_path / "gpu-run"
+    shutil.copytree(trained, run, ignore=shutil.ignore_patterns("test*"))
+    saved = json.loads((run / "config.json").read_text())
+    saved["config"]["device"] = "cuda"  # as `--set device=cuda` writes it on a GPU machine
+    (run / "config.json").write_text(json.dumps(saved))
+    small = ["--data-dir", DATA, "--quiet", "--set", "test_episodes=20", "--set", "test_classes=40"]
+    refused = in_process("fewshot", "test", run, *small)
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    assert "CUDA is not available" in refused.output and "--device cpu" in refused.output
+    tested = in_process("fewshot", "test", run, *small, "--device", "cpu", "--out", tmp_path / "t")
+    assert tested.exit_code == 0, tested.output
+    assert json.loads((tmp_path / "t" / "summary.json").read_text())["status"] == "completed"
+
+
+@needs_omniglot
 def test_resume_continues_with_the_same_numbers(trained, tmp_path):
     half = train(tmp_path / "half", "--set", f"iterations={ITERATIONS // 2}", "--set",
                  "learn_inner_lr=true")  # fmt: skip

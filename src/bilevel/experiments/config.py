@@ -42,7 +42,10 @@ class ExperimentConfig(BaseModel):
         except RuntimeError as error:
             raise ValueError(f"not a torch device: {value!r}") from error
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("CUDA is not available on this machine")
+            raise ValueError(
+                f"CUDA is not available on this machine (got {value!r}); a run made on a "
+                "GPU is tested or resumed here with --device cpu"
+            )
         return value
 
 

@@ -138,6 +138,35 @@ def test_a_run_made_on_a_gpu_is_tested_here_with_device_cpu(trained, tmp_path):
 
 
 @needs_omniglot
+def test_compare_plots_the_validation_curves_of_runs(trained, tmp_path):
+    from bilevel.experiments.fewshot.compare import validation_curve
+
+    curve = validation_curve(trained)
+    val_lines = [x for x in metrics(trained) if x["kind"] == "val"]
+    assert curve.iterations == [x["iteration"] for x in val_lines] == [10, 20, 30, 40]
+    assert curve.accuracy == [x["accuracy"] for x in val_lines]
+    assert 0 < curve.minutes[0] < curve.minutes[1] < curve.minutes[2] < curve.minutes[3]
+    out = tmp_path / "figures" / "recipes.png"
+    result = in_process("fewshot", "compare", trained, trained, "--label", "a", "--label", "b",
+                        "--out", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:4] == b"\x89PNG" and list(out.parent.iterdir()) == [out]
+
+
+def test_compare_refuses_what_is_not_a_run_in_one_line(tmp_path):
+    result = in_process("fewshot", "compare", tmp_path, "--out", tmp_path / "f.png")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "is not a training run (no metrics.jsonl)" in result.output
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "train"}\n')
+    result = in_process("fewshot", "compare", tmp_path, "--out", tmp_path / "f.png")
+    assert result.exit_code == 2 and "line 1 is not a metrics line" in result.output
+    result = in_process("fewshot", "compare", tmp_path, "--label", "a", "--label", "b",
+                        "--out", tmp_path / "f.png")  # fmt: skip
+    assert result.exit_code == 2 and "2 labels for 1 runs" in result.output
+    assert not (tmp_path / "f.png").exists()
+
+
+@needs_omniglot
 def test_resume_continues_with_the_same_numbers(trained, tmp_path):
     half = train(tmp_path / "half", "--set", f"iterations={ITERATIONS // 2}", "--set",
                  "learn_inner_lr=true")  # fmt: skip

@@ -194,6 +194,22 @@ def _fewshot_test(experiment) -> click.Command:
     return command
 
 
+@click.command("compare")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="figure file (.png)")
+@click.option("--label", "labels", multiple=True, help="a legend label per run, in order")
+@click.option("--title", help="figure title")
+def _fewshot_compare(runs, out, labels, title):
+    """Plot the meta-validation curves of training RUNS, against iterations and time."""
+    from .experiments.fewshot.compare import compare_runs
+
+    try:
+        path = compare_runs(list(runs), out, list(labels) or None, title)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    click.echo(f"wrote {path}")
+
+
 def _fewshot_checkpoint(config, out, mode: str):
     from .experiments.fewshot import prepare_resume
 
@@ -204,7 +220,8 @@ def _fewshot_group() -> click.Group:
     from .experiments import fewshot
 
     group = click.Group(
-        "fewshot", help="Few-shot learning with a hyper-representation (train, classical, test)."
+        "fewshot",
+        help="Few-shot learning with a hyper-representation (train, classical, test, compare).",
     )
     for name, experiment, mode in (
         ("train", fewshot.TRAIN, "bilevel"),
@@ -213,6 +230,7 @@ def _fewshot_group() -> click.Group:
         read = partial(_fewshot_checkpoint, mode=mode)
         group.add_command(_experiment_command(experiment, name, read))
     group.add_command(_fewshot_test(fewshot.TEST))
+    group.add_command(_fewshot_compare)
     return group
 
 

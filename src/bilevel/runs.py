@@ -38,6 +38,23 @@ def atomic_write(path: Path, data: bytes | str) -> None:
         raise
 
 
+def save_figure(figure, path: Path) -> Path:
+    """Save a matplotlib figure whole (format from the suffix of ``path``), and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        figure.savefig(temporary, dpi=120, bbox_inches="tight")
+        os.replace(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+        plt.close(figure)
+    return path
+
+
 def remove_partial_writes(out: Path) -> None:
     """The temporary files of ``atomic_write`` calls that a killed process left in ``out`` (the
     files they were to replace are whole)."""
@@ -98,20 +115,11 @@ class Run:
         """Save a matplotlib figure as PNG, whole, and close it."""
         import matplotlib.pyplot as plt
 
+        path = self.out / f"{name}.png"
         if not self.writes:
             plt.close(figure)
-            return self.out / f"{name}.png"
-
-        path = self.out / f"{name}.png"
-        fd, temporary = tempfile.mkstemp(dir=self.out, prefix=f".{name}.", suffix=".png")
-        os.close(fd)
-        try:
-            figure.savefig(temporary, dpi=120, bbox_inches="tight")
-            os.replace(temporary, path)
-        finally:
-            Path(temporary).unlink(missing_ok=True)
-            plt.close(figure)
-        return path
+            return path
+        return save_figure(figure, path)
 
     def save(self, obj, name: str) -> Path:
         """torch.save `obj` to `name` in the run directory, whole."""

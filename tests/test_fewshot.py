@@ -18,7 +18,13 @@ from bilevel import checkpoints
 from bilevel.cli import main as cli
 from bilevel.data import Episodes
 from bilevel.experiments.fewshot import PRESETS, FewshotConfig
-from bilevel.experiments.fewshot.learners import Learner, evaluate, train_heads
+from bilevel.experiments.fewshot.learners import (
+    Learner,
+    _episode_features,
+    evaluate,
+    meta_loss,
+    train_heads,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("BILEVEL_DATA", ROOT.parent / "shared" / "data"))
@@ -322,6 +328,42 @@ def test_episodes_of_a_meta_batch_stay_independent():
     assert support.grad[0].abs().sum() > 0 and support.grad[1:].abs().sum() == 0
 
 
+def double(batch: Episodes) -> Episodes:
+    return Episodes(*(t.double() if t.is_floating_point() else t for t in batch))
+
+
+@pytest.mark.parametrize("feature_norm", [None, 3.0])
+def test_meta_gradient_of_the_network_matches_finite_differences(feature_norm):
+    torch.manual_seed(0)
+    config = FewshotConfig(width=0.25, ways=4, shots=2, queries=3, feature_norm=feature_norm)
+    learner, batch = Learner(config).double(), double(random_episodes())
+    meta_loss(learner, batch, config)[0].backward()
+    parameters = dict(learner.named_parameters())
+    last_scale = [n for n in parameters if n.endswith("weight") and parameters[n].dim() == 1][-1]
+    for name in (next(iter(parameters)), last_scale):  # the first convolution, the last BN
+        weight, entry, eps = parameters[name], (0,) * parameters[name].dim(), 1e-6
+        losses = []
+        for shift in (eps, -eps):
+            with torch.no_grad():
+                weight[entry] += shift
+                losses.append(float(meta_loss(learner, batch, config)[0]))
+                weight[entry] -= shift
+        numeric = (losses[0] - losses[1]) / (2 * eps)
+        assert float(weight.grad[entry]) == pytest.approx(numeric, rel=1e-6, abs=1e-9), name
+
+
+def test_feature_norm_holds_in_training_and_in_evaluation():
+    torch.manual_seed(0)
+    learner = Learner(FewshotConfig(width=0.25, feature_norm=3.0))
+    batch = random_episodes()
+    images = torch.cat([batch.support_x, batch.query_x], 1)
+    trained = learner.net(images.flatten(0, 1))  # the training path (one forward pass)
+    support, query = _episode_features(learner.net, batch, "transductive")  # functional calls
+    for features in (trained, support, query):
+        torch.testing.assert_close(features.norm(dim=-1), torch.full(features.shape[:-1], 3.0))
+    assert set(learner.state_dict()) == set(Learner(FewshotConfig(width=0.25)).state_dict())
+
+
 class Batches:
     def __init__(self, batch):
         self.batch = batch
@@ -367,6 +409,8 @@ def test_evaluation_split_over_ranks_gives_each_episode_once():
 def test_a_setting_added_later_leaves_earlier_checkpoints_loadable():
     # runs checkpointed before init_from existed must still resume and test
     assert "init_from" not in FewshotConfig().hashed()
+    assert "feature_norm" not in FewshotConfig().hashed()
+    assert FewshotConfig(feature_norm=28).hashed()["feature_norm"] == 28
     assert FewshotConfig(init_from="runs/pretrained").hashed()["init_from"] == "runs/pretrained"
 
 

@@ -26,7 +26,7 @@ TEST_KEYS = frozenset(
 NOT_HASHED = TEST_KEYS - {"test_batch_norm"} | {"iterations", "checkpoint_every"}
 # Settings added after runs were checkpointed, with the value that means "not used": at that
 # value they are left out of a checkpoint's identity, so the earlier runs still load.
-ADDED_LATER = {"init_from": None}
+ADDED_LATER = {"init_from": None, "feature_norm": None}
 # Episode settings a test may change: a representation trained on 5-way episodes tested on
 # 20-way ones, or a classical network on every cell.
 EPISODE_KEYS = frozenset({"ways", "shots", "queries"})
@@ -48,6 +48,12 @@ class FewshotConfig(ExperimentConfig):
         None,
         description="a training run directory (bilevel or classical) whose network (best.pt) "
         "initialises this one: pretraining, then bilevel fine-tuning",
+    )
+    feature_norm: float | None = Field(
+        None,
+        gt=0,
+        description="scale every feature vector to this norm, holding the heads' effective "
+        "step inner_lr * |features|^2 fixed (docs/experiments.md); None: the paper's network",
     )
     ways: int = Field(5, gt=0, description="N classes per episode")
     shots: int = Field(1, gt=0, description="K support examples per class")

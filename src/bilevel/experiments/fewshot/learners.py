@@ -117,6 +117,11 @@ class Learner(nn.Module):
         self.log_lr = (
             nn.Parameter(torch.tensor(math.log(config.inner_lr))) if config.learn_inner_lr else None
         )
+        if config.feature_norm is not None:
+            # A hook rather than a wrapping module: the state dict stays the paper network's,
+            # so init_from and checkpoints load with or without it.
+            radius = config.feature_norm
+            self.net.register_forward_hook(lambda _, __, out: radius * F.normalize(out, dim=-1))
         self.classifier = None if classes is None else nn.Linear(self.net.out_features, classes)
 
     def hparams(self, support: Tensor) -> dict[str, Tensor]:

@@ -137,7 +137,7 @@ def test_a_run_made_on_a_gpu_is_tested_here_with_device_cpu(trained, tmp_path):
     small = ["--data-dir", DATA, "--quiet", "--set", "test_episodes=20", "--set", "test_classes=40"]
     refused = in_process("fewshot", "test", run, *small)
     assert refused.exit_code == 2 and "Traceback" not in refused.output
-    assert "CUDA is not available" in refused.output and "--device cpu" in refused.output
+    assert "CUDA is not available on this machine (use --device cpu" in refused.output
     tested = in_process("fewshot", "test", run, *small, "--device", "cpu", "--out", tmp_path / "t")
     assert tested.exit_code == 0, tested.output
     assert json.loads((tmp_path / "t" / "summary.json").read_text())["status"] == "completed"
@@ -159,17 +159,43 @@ def test_compare_plots_the_validation_curves_of_runs(trained, tmp_path):
     assert out.read_bytes()[:4] == b"\x89PNG" and list(out.parent.iterdir()) == [out]
 
 
-def test_compare_refuses_what_is_not_a_run_in_one_line(tmp_path):
-    result = in_process("fewshot", "compare", tmp_path, "--out", tmp_path / "f.png")
+def compare(*args):
+    return in_process("fewshot", "compare", *args)
+
+
+def test_compare_refuses_what_is_not_a_training_run_in_one_line(tmp_path):
+    figure = tmp_path / "f.png"
+    result = compare(tmp_path, "--out", figure)
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert "is not a training run (no metrics.jsonl)" in result.output
-    (tmp_path / "metrics.jsonl").write_text('{"kind": "train"}\n')
-    result = in_process("fewshot", "compare", tmp_path, "--out", tmp_path / "f.png")
-    assert result.exit_code == 2 and "line 1 is not a metrics line" in result.output
-    result = in_process("fewshot", "compare", tmp_path, "--label", "a", "--label", "b",
-                        "--out", tmp_path / "f.png")  # fmt: skip
+    assert "is not a training run (no config.json)" in result.output
+    (tmp_path / "config.json").write_text(json.dumps({"experiment": "fewshot-train"}))
+    assert "config.json is not a run's config.json" in compare(tmp_path, "--out", figure).output
+    (tmp_path / "config.json").write_text(json.dumps({"experiment": "fewshot-test", "config": {}}))
+    assert "holds a fewshot-test run" in compare(tmp_path, "--out", figure).output
+    (tmp_path / "config.json").write_text(json.dumps({"experiment": "fewshot-train", "config": {}}))
+    for bad in ('{"kind": "train"}', '{"kind": "val", "iteration": 5, "seconds": 1}', "[1]"):
+        (tmp_path / "metrics.jsonl").write_text(bad + "\n" + '{"kind": "train"}\n')
+        result = compare(tmp_path, "--out", figure)
+        assert result.exit_code == 2 and "line 1 is not a metrics line" in result.output
+    result = compare(tmp_path, "--label", "a", "--label", "b", "--out", figure)
     assert result.exit_code == 2 and "2 labels for 1 runs" in result.output
-    assert not (tmp_path / "f.png").exists()
+    for out, message in ((tmp_path / "f.xyz", "--out: a figure file ending in .png"),
+                         (tmp_path / "d.png", "is a directory")):  # fmt: skip
+        (tmp_path / "d.png").mkdir(exist_ok=True)
+        result = compare(tmp_path, "--out", out)
+        assert result.exit_code == 2 and message in result.output
+    assert not figure.exists()
+
+
+@needs_omniglot
+def test_compare_leaves_out_a_last_line_cut_short(trained, tmp_path):
+    run = tmp_path / "killed"
+    shutil.copytree(trained, run, ignore=shutil.ignore_patterns("test*"))
+    with open(run / "metrics.jsonl", "a") as metrics_file:
+        metrics_file.write('{"kind": "val", "iter')  # a process killed mid-line
+    result = compare(run, "--out", tmp_path / "f.svg")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "f.svg").read_text().lstrip().startswith("<?xml")
 
 
 @needs_omniglot

@@ -43,8 +43,8 @@ class ExperimentConfig(BaseModel):
             raise ValueError(f"not a torch device: {value!r}") from error
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(
-                f"CUDA is not available on this machine (got {value!r}); a run made on a "
-                "GPU is tested or resumed here with --device cpu"
+                "CUDA is not available on this machine (use --device cpu; a run made on a GPU "
+                "can be tested or resumed here so)"
             )
         return value
 

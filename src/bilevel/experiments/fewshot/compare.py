@@ -11,7 +11,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ... import checkpoints
 from ...runs import save_figure
+from .evaluation import training_run
+
+FORMATS = (".png", ".pdf", ".svg")
 
 
 @dataclass(frozen=True)
@@ -23,50 +27,71 @@ class Curve:
 
 
 def validation_curve(run: Path, label: str | None = None) -> Curve:
-    """The meta-validation points of a training run directory."""
-    path = Path(run) / "metrics.jsonl"
+    """The meta-validation points of a training run directory (a last line cut short by a
+    killed process is left out, as a resumed run does)."""
+    run = Path(run)
+    try:
+        training_run(run)  # a bilevel or classical training run, not a test or another experiment
+    except checkpoints.CheckpointError as error:
+        raise ValueError(str(error)) from None
+    path = run / "metrics.jsonl"
     if not path.is_file():
-        raise ValueError(f"{run} is not a training run (no metrics.jsonl)")
+        raise ValueError(f"{run} has no metrics.jsonl")
+    lines = path.read_text().splitlines()
     seconds, done = 0.0, 0
     iterations, minutes, accuracy = [], [], []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
-            kind, iteration = row["kind"], row["iteration"]
-        except (ValueError, KeyError, TypeError):
+            kind, iteration, took = row["kind"], row["iteration"], row["seconds"]
+            if kind == "val":
+                accuracy.append(float(row["accuracy"]))
+        except ValueError:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}: line {number} is not a metrics line") from None
+        except (KeyError, TypeError):
             raise ValueError(f"{path}: line {number} is not a metrics line") from None
         if kind == "train":
-            seconds += row["seconds"] * max(iteration - done, 0)
+            seconds += took * max(iteration - done, 0)
             done = max(done, iteration)
         elif kind == "val":
-            seconds += row["seconds"]
+            seconds += took
             iterations.append(iteration)
             minutes.append(seconds / 60)
-            accuracy.append(row["accuracy"])
     if not iterations:
         raise ValueError(f"{run} has no meta-validation yet")
-    return Curve(label or Path(run).name, iterations, minutes, accuracy)
+    return Curve(label or run.resolve().name, iterations, minutes, accuracy)
 
 
 def plot_curves(curves: list[Curve], out: Path, title: str | None = None) -> Path:
     """Meta-validation accuracy against iterations (left) and training minutes (right)."""
     import matplotlib.pyplot as plt
 
-    figure, (by_iteration, by_time) = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    figure, (by_iteration, by_time) = plt.subplots(
+        1, 2, figsize=(11, 4.2), sharey=True, layout="constrained"
+    )
     for curve in curves:
         line = by_iteration.plot(curve.iterations, curve.accuracy, marker=".", label=curve.label)
         by_time.plot(curve.minutes, curve.accuracy, marker=".", color=line[0].get_color())
-    by_iteration.set_xlabel("meta-iteration")
+    by_iteration.set_xlabel("training iteration")
     by_time.set_xlabel("training minutes (as recorded)")
     by_iteration.set_ylabel("meta-validation accuracy (%)")
-    by_iteration.legend(fontsize="small")
+    figure.legend(loc="outside lower center", ncols=min(len(curves), 3), fontsize="small")
     if title:
         figure.suptitle(title)
     return save_figure(figure, out)
 
 
 def compare_runs(runs: list[Path], out: Path, labels: list[str] | None, title=None) -> Path:
+    if Path(out).is_dir():
+        raise ValueError(f"--out: {out} is a directory; give a file name")
+    if Path(out).suffix.lower() not in FORMATS:
+        raise ValueError(f"--out: a figure file ending in {', '.join(FORMATS)}, got {out}")
     if labels is not None and len(labels) != len(runs):
         raise ValueError(f"--label: {len(labels)} labels for {len(runs)} runs (one each, or none)")
     curves = [validation_curve(r, labels[i] if labels else None) for i, r in enumerate(runs)]
-    return plot_curves(curves, out, title)
+    try:
+        return plot_curves(curves, out, title)
+    except OSError as error:
+        raise ValueError(f"--out: cannot write {out} ({error.strerror or error})") from None

@@ -23,11 +23,15 @@ def training_run(source: Path) -> tuple[dict, str]:
     path = Path(source) / "config.json"
     if not path.is_file():
         raise checkpoints.CheckpointError(f"{source} is not a training run (no config.json)")
-    saved = json.loads(path.read_text())
-    mode = {"fewshot-train": "bilevel", "fewshot-classical": "classical"}.get(saved["experiment"])
+    try:
+        saved = json.loads(path.read_text())
+        experiment, config = saved["experiment"], saved["config"]
+    except (ValueError, KeyError, TypeError):
+        raise checkpoints.CheckpointError(f"{path} is not a run's config.json") from None
+    mode = {"fewshot-train": "bilevel", "fewshot-classical": "classical"}.get(experiment)
     if mode is None:
-        raise checkpoints.CheckpointError(f"{source} holds a {saved['experiment']} run")
-    return saved["config"], mode
+        raise checkpoints.CheckpointError(f"{source} holds a {experiment} run")
+    return config, mode
 
 
 def test_overrides(assignments) -> None:

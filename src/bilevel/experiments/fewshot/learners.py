@@ -105,6 +105,21 @@ def norm_statistics(net: nn.Module) -> list[Tensor]:
     ]
 
 
+class FixedNorm:
+    """Forward hook: the output rows scaled to norm ``radius`` (with a fixed inner lr this holds
+    the heads' effective step lr * |features|^2 fixed; in classical training it normalises the
+    classifier's input the same way)."""
+
+    def __init__(self, radius: float) -> None:
+        self.radius = radius
+
+    def __call__(self, module: nn.Module, inputs, out: Tensor) -> Tensor:
+        return self.radius * F.normalize(out, dim=-1)
+
+    def __repr__(self) -> str:
+        return f"FixedNorm(radius={self.radius})"
+
+
 class Learner(nn.Module):
     """The network, the learned log inner learning rate (if any) and, for classical training,
     a linear classifier over ``classes`` meta-training classes."""
@@ -120,8 +135,7 @@ class Learner(nn.Module):
         if config.feature_norm is not None:
             # A hook rather than a wrapping module: the state dict stays the paper network's,
             # so init_from and checkpoints load with or without it.
-            radius = config.feature_norm
-            self.net.register_forward_hook(lambda _, __, out: radius * F.normalize(out, dim=-1))
+            self.net.register_forward_hook(FixedNorm(config.feature_norm))
         self.classifier = None if classes is None else nn.Linear(self.net.out_features, classes)
 
     def hparams(self, support: Tensor) -> dict[str, Tensor]:

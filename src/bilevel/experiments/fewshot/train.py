@@ -227,7 +227,7 @@ def build(
         log.info("%s: %d classes; %s", part, len(classes), classes.note)
     learner = Learner(config, len(sets["train"]) if mode == "classical" else None)
     if config.init_from is not None and fresh:
-        initialise(learner, Path(config.init_from))
+        initialise(learner, Path(config.init_from), config, log)
         log.info("network initialised from %s", config.init_from)
     learner.to(group.device)
     optimizer = torch.optim.Adam(learner.parameters(), lr=config.outer_lr)
@@ -254,9 +254,19 @@ def build(
     )
 
 
-def initialise(learner: Learner, source: Path) -> None:
+def initialise(learner: Learner, source: Path, config: FewshotConfig, log) -> None:
     """Pretraining: start from the network of another run (its best validation)."""
     path = source / BEST if (source / BEST).is_file() else source / CHECKPOINT
+    saved = source / "config.json"
+    if saved.is_file():
+        theirs = json.loads(saved.read_text()).get("config", {}).get("feature_norm")
+        if theirs != config.feature_norm:
+            log.warning(
+                "init_from=%s was trained with feature_norm=%s, this run has %s",
+                source,
+                theirs,
+                config.feature_norm,
+            )
     if not path.is_file():
         raise checkpoints.CheckpointError(f"init_from={source}: no {BEST} or {CHECKPOINT} there")
     state = checkpoints.load(path)

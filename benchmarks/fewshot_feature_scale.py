@@ -19,8 +19,8 @@ import torch
 from bilevel import checkpoints
 from bilevel.data.omniglot import load_omniglot
 from bilevel.experiments.fewshot.config import FewshotConfig
-from bilevel.experiments.fewshot.evaluation import training_run
 from bilevel.experiments.fewshot.learners import Learner
+from bilevel.experiments.fewshot.train import training_run
 
 IMAGES = 100  # drawings of distinct characters, normalised together as one batch
 

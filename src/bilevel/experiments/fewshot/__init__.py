@@ -12,8 +12,8 @@ from functools import partial
 
 from .. import Experiment
 from .config import PRESETS, FewshotConfig
-from .evaluation import run_test, test_overrides, training_run
-from .train import Resume, prepare_resume, run_training
+from .evaluation import run_test, test_overrides
+from .train import Resume, prepare_resume, run_training, training_run
 
 __all__ = [
     "CLASSICAL",

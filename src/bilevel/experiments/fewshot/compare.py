@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ... import checkpoints
 from ...runs import save_figure
-from .evaluation import training_run
+from .train import training_run
 
 FORMATS = (".png", ".pdf", ".svg")
 
@@ -46,11 +46,9 @@ def validation_curve(run: Path, label: str | None = None) -> Curve:
             kind, iteration, took = row["kind"], row["iteration"], row["seconds"]
             if kind == "val":
                 accuracy.append(float(row["accuracy"]))
-        except ValueError:
-            if number == len(lines):
-                break
-            raise ValueError(f"{path}: line {number} is not a metrics line") from None
-        except (KeyError, TypeError):
+        except (ValueError, KeyError, TypeError) as error:
+            if isinstance(error, ValueError) and number == len(lines):
+                break  # cut short by a killed process
             raise ValueError(f"{path}: line {number} is not a metrics line") from None
         if kind == "train":
             seconds += took * max(iteration - done, 0)

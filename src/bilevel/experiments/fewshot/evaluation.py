@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,25 +12,9 @@ from ..common import seed_everything
 from .config import EPISODE_KEYS, TEST_KEYS, FewshotConfig
 from .data import class_sets, episodes
 from .learners import Learner, confidence, evaluate
-from .train import BEST, CHECKPOINT, identity
+from .train import BEST, CHECKPOINT, identity, training_run
 
 EPISODES_PER_DRAW = 20  # episodes sampled at once; the heads of a draw are trained together
-
-
-def training_run(source: Path) -> tuple[dict, str]:
-    """The resolved config and mode ("bilevel"/"classical") a run directory was trained with."""
-    path = Path(source) / "config.json"
-    if not path.is_file():
-        raise checkpoints.CheckpointError(f"{source} is not a training run (no config.json)")
-    try:
-        saved = json.loads(path.read_text())
-        experiment, config = saved["experiment"], saved["config"]
-    except (ValueError, KeyError, TypeError):
-        raise checkpoints.CheckpointError(f"{path} is not a run's config.json") from None
-    mode = {"fewshot-train": "bilevel", "fewshot-classical": "classical"}.get(experiment)
-    if mode is None:
-        raise checkpoints.CheckpointError(f"{source} holds a {experiment} run")
-    return config, mode
 
 
 def test_overrides(assignments) -> None:

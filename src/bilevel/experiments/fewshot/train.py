@@ -254,12 +254,27 @@ def build(
     )
 
 
+def training_run(source: Path) -> tuple[dict, str]:
+    """The resolved config and mode ("bilevel"/"classical") a run directory was trained with."""
+    path = Path(source) / "config.json"
+    if not path.is_file():
+        raise checkpoints.CheckpointError(f"{source} is not a training run (no config.json)")
+    try:
+        saved = json.loads(path.read_text())
+        experiment, config = saved["experiment"], saved["config"]
+    except (ValueError, KeyError, TypeError):
+        raise checkpoints.CheckpointError(f"{path} is not a run's config.json") from None
+    mode = {"fewshot-train": "bilevel", "fewshot-classical": "classical"}.get(experiment)
+    if mode is None:
+        raise checkpoints.CheckpointError(f"{source} holds a {experiment} run")
+    return config, mode
+
+
 def initialise(learner: Learner, source: Path, config: FewshotConfig, log) -> None:
     """Pretraining: start from the network of another run (its best validation)."""
     path = source / BEST if (source / BEST).is_file() else source / CHECKPOINT
-    saved = source / "config.json"
-    if saved.is_file():
-        theirs = json.loads(saved.read_text()).get("config", {}).get("feature_norm")
+    if (source / "config.json").is_file():
+        theirs = training_run(source)[0].get("feature_norm")
         if theirs != config.feature_norm:
             log.warning(
                 "init_from=%s was trained with feature_norm=%s, this run has %s",

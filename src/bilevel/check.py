@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .dynamics import Dynamics
 from .hypergrad import hypergradient, prepare
-from .hypergrad.problem import Init, Objective, evaluate
+from .hypergrad.problem import Init, Objective, RandomState, evaluate
 
 
 @dataclass
@@ -61,10 +61,13 @@ def check(
     With few scalar hyperparameters (<= 16) every coordinate is checked, else
     `directions` random unit directions (default 4). Use float64 if you can:
     float32 limits the agreement to about 1e-3. For implicit methods the
-    reference is still f_T, so let the inner problem converge (large `steps`).
+    reference is still f_T, so let the inner problem converge (large `steps`). Every evaluation
+    of f_T starts from the random state the method's run started from, so an inner model with
+    dropout is compared on the same masks.
     """
-    result = hypergradient(inner, outer, params, hparams, dynamics, steps, method, **options)
     lam = {k: v.detach() for k, v in hparams.items()}
+    random = RandomState.capture([*lam.values()])
+    result = hypergradient(inner, outer, params, hparams, dynamics, steps, method, **options)
     basis = _directions(lam, directions, seed)
     if eps is None:
         some = next(iter(lam.values()))
@@ -73,10 +76,11 @@ def check(
         raise ValueError(f"eps must be > 0, got {eps!r}")
     problem, _ = prepare(inner, params, hparams, dynamics, steps, "reverse", {})
 
-    def f(shifted):
-        z = problem.run(problem.start(params, shifted), shifted, 1, steps)
-        with torch.no_grad():
-            return float(evaluate("outer", outer, problem.params_of(z), shifted))
+    def f(shifted):  # the run and then the outer objective draw as in the method's run
+        with random.restored():
+            z = problem.run(problem.start(params, shifted), shifted, 1, steps)
+            with torch.no_grad():
+                return float(evaluate("outer", outer, problem.params_of(z), shifted))
 
     analytic, numeric = [], []
     for v in basis:

@@ -8,7 +8,8 @@ these tuples so that autograd and torch.func see plain sequences of tensors.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -104,14 +105,15 @@ class InnerProblem:
         first: int,
         count: int,
         graph: bool = False,
-        checkpoints=None,  # anything with append((t, z)): a list, or reverse.StateStore
+        checkpoints=None,  # anything with append((t, z, random state)): reverse.StateStore
         every: int = 0,
         check: bool = True,
     ) -> Flat:
         """Steps first .. first+count-1 from z: shapes checked after the first step, divergence
         once at the end (replays of steps already checked pass check=False).
 
-        With `checkpoints`, appends (t, z_{t-1}) before every `every`-th step.
+        With `checkpoints`, appends (t, z_{t-1}, the random state) before every `every`-th
+        step, so that a replay from there draws what the step first drew (dropout masks).
         """
         if not graph:
             hparams = detach(hparams)
@@ -119,7 +121,7 @@ class InnerProblem:
         losses = None  # one buffer: a small tensor kept per step would fragment the heap
         for i, t in enumerate(range(first, first + count)):
             if checkpoints is not None and i % every == 0:
-                checkpoints.append((t, z))
+                checkpoints.append((t, z, RandomState.capture(z)))
             z_next, loss = step(z, hparams, t)
             if i == 0:
                 losses = loss.new_empty(count)
@@ -130,6 +132,33 @@ class InnerProblem:
         if losses is not None and check:
             check_finite_run(losses, z, first)
         return z
+
+
+@dataclass(frozen=True)
+class RandomState:
+    """The random generators a step may draw from: the CPU one and those of the CUDA devices
+    the state lives on. Replaying a step under the state it first ran with redraws the same
+    dropout masks, as torch.utils.checkpoint does; without it a replay differentiates another
+    trajectory than the one that ran."""
+
+    cpu: Tensor
+    cuda: tuple[tuple[int, Tensor], ...]
+
+    @staticmethod
+    def capture(tensors: Sequence[Tensor]) -> RandomState:
+        devices = sorted({v.device.index or 0 for v in tensors if v.device.type == "cuda"})
+        return RandomState(
+            torch.get_rng_state(), tuple((d, torch.cuda.get_rng_state(d)) for d in devices)
+        )
+
+    @contextmanager
+    def restored(self) -> Iterator[None]:
+        """Run a block from this state; the generators come back to where they were."""
+        with torch.random.fork_rng(devices=[d for d, _ in self.cuda], device_type="cuda"):
+            torch.set_rng_state(self.cpu)
+            for device, state in self.cuda:
+                torch.cuda.set_rng_state(state, device)
+            yield
 
 
 def detach(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import validate
-from .problem import Flat, Init, InnerProblem, leaves, vjp
+from .problem import Flat, Init, InnerProblem, RandomState, leaves, vjp
 
 MEMORY_POLICIES = ("graph", "trajectory", "checkpoint")
 
@@ -73,19 +73,21 @@ class StateStore:
     def __init__(self, like: Flat, count: int):
         self.buffers = [v.new_empty((count, *v.shape)) for v in like]
         self.steps: list[int] = []
+        self.random: list[RandomState] = []
 
-    def append(self, entry: tuple[int, Flat]) -> None:
-        t, z = entry
+    def append(self, entry: tuple[int, Flat, RandomState]) -> None:
+        t, z, random = entry
         for buffer, v in zip(self.buffers, z):
             buffer[len(self.steps)].copy_(v)
         self.steps.append(t)
+        self.random.append(random)
 
     def __len__(self) -> int:
         return len(self.steps)
 
     def __reversed__(self):
         for j in reversed(range(len(self.steps))):
-            yield self.steps[j], tuple(buffer[j] for buffer in self.buffers)
+            yield self.steps[j], tuple(buffer[j] for buffer in self.buffers), self.random[j]
 
 
 class ReverseSolution:
@@ -113,15 +115,16 @@ class ReverseSolution:
         need_start = self.full and (initial or learned)
         _, z_start, z_end = self.last_segment
         self.last_segment = None  # its graph is freed by this pass
-        segments = [(z_start, z_end)] + [(t, z) for t, z in reversed(self.starts)]
+        segments = [(z_start, z_end)] + list(reversed(self.starts))
         alpha, total = problem.adjoint(adjoint, z_end), [torch.zeros_like(v) for v in lam]
         for i, segment in enumerate(segments):
             if i == 0:
                 z_start, z_end = segment
             else:
-                t, z = segment
+                t, z, random = segment
                 z_start = leaves(z)
-                z_end = problem.run(z_start, hparams, t, self.length, graph=True, check=False)
+                with random.restored():  # the same dropout masks as on the way forward
+                    z_end = problem.run(z_start, hparams, t, self.length, graph=True, check=False)
             earliest = i == len(segments) - 1
             inputs = lam if earliest and not need_start else list(z_start) + lam
             grads = vjp(z_end, inputs, alpha)

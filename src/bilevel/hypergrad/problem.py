@@ -186,26 +186,34 @@ def vjp(outputs: Sequence[Tensor], inputs: Sequence[Tensor], cotangents: Sequenc
     return tuple(result)
 
 
+STEP_NAMES = ("step", "t")
+
+
 def with_step(inner: Callable) -> Callable[[Params, Mapping[str, Tensor], int], Tensor]:
     """The inner objective as a function of (params, hparams, t).
 
-    Users write `inner(params, hparams)`, or `inner(params, hparams, t)` when the
-    objective changes with the step (a minibatch chosen by t). It must be a pure
+    Users write `inner(params, hparams)`, or declare the step number t (1..T) when the
+    objective changes with it (a minibatch chosen by t): as a third positional parameter
+    without a default, or as a parameter named `step` or `t` (passed by keyword). Any other
+    extra parameter (`scale=1.0`, `*args`) keeps its own value. The objective must be a pure
     function of t: reverse mode replays steps and must see the same batch again.
     """
     try:
-        signature = inspect.signature(inner)
+        parameters = list(inspect.signature(inner).parameters.values())
     except (TypeError, ValueError):  # some builtins and C callables have no signature
         return lambda params, hparams, t: inner(params, hparams)
-    kinds = [p.kind for p in signature.parameters.values()]
-    positional = [
-        k
-        for k in kinds
-        if k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    ]
-    if len(positional) >= 3 or inspect.Parameter.VAR_POSITIONAL in kinds:
+    named = [p.name for p in parameters[2:] if p.name in STEP_NAMES and p.kind in _NAMED]
+    if named:
+        name = named[0]
+        return lambda params, hparams, t: inner(params, hparams, **{name: t})
+    positional = [p for p in parameters if p.kind in _POSITIONAL]
+    if len(positional) >= 3 and positional[2].default is inspect.Parameter.empty:
         return inner
     return lambda params, hparams, t: inner(params, hparams)
+
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+_NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
 
 def evaluate(which: str, objective: Callable, params, hparams, *step) -> Tensor:

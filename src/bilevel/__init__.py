@@ -10,7 +10,14 @@ from importlib.metadata import PackageNotFoundError, version
 from . import constraints
 from .check import CheckReport, check
 from .dynamics import Dynamics, adam, nesterov, sgd
-from .errors import BilevelError, HypergradientError, InnerDivergenceError, SolverWarning
+from .errors import (
+    BilevelError,
+    BilevelWarning,
+    HypergradientError,
+    HypergradientWarning,
+    InnerDivergenceError,
+    SolverWarning,
+)
 from .hypergrad import METHODS, Result, hypergradient
 from .nn import functional
 from .outer import HyperOptimizer, RealTimeHyperOptimizer
@@ -24,10 +31,12 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 __all__ = [
     "METHODS",
     "BilevelError",
+    "BilevelWarning",
     "CheckReport",
     "Dynamics",
     "HyperOptimizer",
     "HypergradientError",
+    "HypergradientWarning",
     "InnerDivergenceError",
     "RealTimeHyperOptimizer",
     "SolverWarning",

@@ -12,7 +12,9 @@ the same solution as a node of an autograd graph.
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -21,7 +23,7 @@ from torch import Tensor
 
 from .. import validate
 from ..dynamics import Dynamics
-from ..errors import HypergradientError
+from ..errors import HypergradientError, HypergradientWarning
 from .forward import ForwardSolver, forward
 from .implicit import fixed_point, implicit_cg, implicit_neumann
 from .problem import Init, InnerProblem, Objective, evaluate, with_step
@@ -162,9 +164,49 @@ def pull_back(outer: Objective, solution, lam: Mapping[str, Tensor]):
                 "no autograd graph): did it detach, or go through .item() or numpy?"
             )
         direct = torch.autograd.grad(value, [*w_T.values(), *lam.values()], allow_unused=True)
+    outer_value = float(value.detach())
+    if not math.isfinite(outer_value):
+        raise HypergradientError(
+            f"the outer objective is {outer_value} at w_T (the inner run was finite): its "
+            "hypergradient is undefined; check the outer objective at the inner solution"
+        )
     adjoint = {k: validate.zeros_if_none(g, w_T[k]) for k, g in zip(w_T, direct)}
     pulled, _ = solution.vjp(adjoint)
     direct_lam = direct[len(w_T) :]
     grads = {k: pulled[k] + validate.zeros_if_none(g, lam[k]) for k, g in zip(lam, direct_lam)}
     validate.finite("hypergradient", grads, HypergradientError)
-    return float(value.detach()), grads
+    _warn_unused(outer, solution, lam, grads)
+    return outer_value, grads
+
+
+def _warn_unused(outer: Objective, solution, lam: Mapping[str, Tensor], grads) -> None:
+    """Warn about hyperparameters that nothing depends on (their hypergradient is zero by
+    construction). Only exactly-zero hypergradients are probed, so this is free otherwise."""
+    zero = torch.stack([~g.any() for g in grads.values()])
+    if not bool(zero.any()):
+        return
+    candidates = [k for k, z in zip(grads, zero.tolist()) if z]
+    unused = unreached(solution.problem, getattr(solution, "init", None), outer, solution, lam)
+    for key in [k for k in candidates if k in unused]:
+        warnings.warn(
+            f"hparams[{key!r}] affects neither the inner objective, the dynamics' settings, w_0 "
+            "nor the outer objective: its hypergradient is zero",
+            HypergradientWarning,
+            stacklevel=3,
+        )
+
+
+def unreached(problem: InnerProblem, init, outer: Objective, solution, lam) -> set[str]:
+    """Names of the hyperparameters that no part of the problem reads: one step with its graph
+    from w_T, the outer objective there, and Phi_0 if w_0 is learned."""
+    lam = {k: v.detach().requires_grad_(True) for k, v in lam.items()}
+    params = {k: v.detach().requires_grad_(True) for k, v in solution.params.items()}
+    with torch.enable_grad():
+        z, _ = problem.step(problem.pack(params, problem.dynamics.init(params)), lam, 1)
+        outputs = [*z, evaluate("outer", outer, params, lam)]
+        if callable(init):
+            outputs += list(init(lam).values())
+        reached = torch.autograd.grad(
+            [o.sum() for o in outputs if o.requires_grad], list(lam.values()), allow_unused=True
+        )
+    return {k for k, g in zip(lam, reached) if g is None}

@@ -47,6 +47,7 @@ class ForwardSolver:
 
     def __init__(self, problem: InnerProblem, init: Init, hparams, *, vectorize: bool = True):
         self.problem, self.vectorize = problem, validate.boolean("vectorize", vectorize)
+        self.init = init
         self.hparams = detach(hparams)
         self.basis = _basis(self.hparams)
         self.z = problem.start(init, self.hparams)

@@ -8,6 +8,7 @@ these tuples so that autograd and torch.func see plain sequences of tensors.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -117,6 +118,7 @@ class InnerProblem:
         """
         if not graph:
             hparams = detach(hparams)
+        start, random = z, RandomState.capture(z) if check else None
         step = self.step if graph else self.step_detached
         losses = None  # one buffer: a small tensor kept per step would fragment the heap
         for i, t in enumerate(range(first, first + count)):
@@ -130,8 +132,34 @@ class InnerProblem:
             losses[i] = loss.detach()
             z = z_next
         if losses is not None and check:
-            check_finite_run(losses, z, first)
+            check_finite_run(
+                losses, z, first, lambda: self.diagnose(start, hparams, first, count, random)
+            )
         return z
+
+    def diagnose(self, z: Flat, hparams, first: int, count: int, random: RandomState):
+        """Why a run from z went non-finite: replays it (same random draws), checking the loss,
+        the gradient and the new state of every step, and returns the error that says which
+        failed first. Only called after a failure, so its cost does not matter."""
+        hparams, losses = detach(hparams), []  # |loss| so far: has the run blown up?
+        with random.restored():
+            for t in range(first, first + count):
+                params, state = self.unpack(z)
+                leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+                loss, grads = self.gradients(leaves, hparams, t, create_graph=False)
+                value = float(loss.detach())
+                losses += [abs(value)] if math.isfinite(value) else []
+                grew = bool(losses) and max(losses) > 1e6 * (losses[0] + 1.0)
+                if not math.isfinite(value):
+                    return _objective_error(value, t, grew, params)
+                if not all(bool(torch.isfinite(g).all()) for g in grads.values()):
+                    return _gradient_error(value, t, grew, grads)
+                with torch.no_grad():
+                    new_params, new_state = self.dynamics.step(params, state, grads, hparams, t)
+                z = self.pack(new_params, new_state)
+                if not all(bool(torch.isfinite(v).all()) for v in z):
+                    return _divergence(f"the inner state became NaN or infinite at step {t}")
+        return _divergence(f"the inner run from step {first} became NaN or infinite")
 
 
 @dataclass(frozen=True)
@@ -254,20 +282,50 @@ def check_shapes(keys: Sequence[str], before: Sequence[Tensor], after: Sequence[
             )
 
 
-def check_finite_run(losses: Tensor, z: Sequence[Tensor], first: int) -> None:
-    """One synchronisation per run: find the first non-finite inner loss, if any."""
+def check_finite_run(
+    losses: Tensor, z: Sequence[Tensor], first: int, diagnose: Callable[[], Exception] | None = None
+) -> None:
+    """One synchronisation per run: raise if any inner loss or the final state is not finite;
+    `diagnose()` (a replay) says why, else the first non-finite loss is named."""
     finite = torch.stack([torch.isfinite(losses).all(), *(torch.isfinite(v).all() for v in z)])
     if bool(finite.all()):
         return
+    if diagnose is not None:
+        raise diagnose()
     bad = ~torch.isfinite(losses)
     if bool(bad.any()):
         step = first + int(bad.nonzero()[0, 0])
         value = float(losses[step - first])
-        raise InnerDivergenceError(
-            f"the inner objective became {value} at step {step}: the inner trajectory "
-            "diverged; try a smaller inner learning rate"
-        )
-    raise InnerDivergenceError(
-        f"the inner state became NaN or infinite at step {first + len(losses) - 1}: the "
-        "inner trajectory diverged; try a smaller inner learning rate"
+        raise _divergence(f"the inner objective became {value} at step {step}")
+    raise _divergence(f"the inner state became NaN or infinite by step {first + len(losses) - 1}")
+
+
+def _divergence(what: str) -> InnerDivergenceError:
+    return InnerDivergenceError(
+        f"{what}: the inner trajectory diverged; try a smaller inner learning rate"
+    )
+
+
+def _largest(tensors: Mapping[str, Tensor]) -> float:
+    return max(float(v.detach().abs().max()) if v.numel() else 0.0 for v in tensors.values())
+
+
+def _objective_error(value: float, t: int, grew: bool, params: Params) -> InnerDivergenceError:
+    if grew or math.isinf(value) or not math.isfinite(_largest(params)):
+        return _divergence(f"the inner objective became {value} at step {t}")
+    return InnerDivergenceError(
+        f"the inner objective returned {value} at step {t} although the parameters were finite "
+        f"(largest |w| = {_largest(params):.3g}) and the objective had not grown: the objective "
+        "itself produces it there (log or sqrt of a negative number, 0/0, inf - inf, ...)"
+    )
+
+
+def _gradient_error(value: float, t: int, grew: bool, grads: Params) -> InnerDivergenceError:
+    if grew:
+        return _divergence(f"the inner gradient became NaN or infinite at step {t}")
+    bad = [k for k, g in grads.items() if not bool(torch.isfinite(g).all())]
+    return InnerDivergenceError(
+        f"the gradient of the inner objective with respect to {bad} is NaN or infinite at step "
+        f"{t} although its value ({value:.6g}) is finite: the objective is not differentiable "
+        "there (sqrt or norm at 0, for instance: write sqrt(x + eps) or add eps inside the norm)"
     )

@@ -18,12 +18,14 @@ as a constant.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
 from .. import validate
+from ..errors import HypergradientWarning
 from .problem import Flat, Init, InnerProblem, RandomState, leaves, vjp
 
 MEMORY_POLICIES = ("graph", "trajectory", "checkpoint")
@@ -97,6 +99,7 @@ class ReverseSolution:
         self.problem, self.init, self.hparams = problem, init, hparams
         self.starts, self.length, self.last_segment, self.full = starts, length, last_segment, full
         self.params = problem.params_of(tuple(v.detach() for v in last_segment[2]))
+        self.info: dict = {}
 
     def vjp(self, adjoint: Mapping[str, Tensor], initial: bool = False):
         """Pull a cotangent on w_T back to the hparams, and to w_0 if `initial` (else None).
@@ -164,6 +167,14 @@ def truncated(
 ) -> ReverseSolution:
     """Reverse mode over the last k steps only (k = steps is plain reverse mode)."""
     validate.positive_int("k", k)
-    return reverse(
+    solution = reverse(
         problem, init, hparams, steps, memory=memory, checkpoint_every=checkpoint_every, window=k
     )
+    if callable(init) and k < steps:
+        note = (
+            f"truncated to the last k={k} of {steps} steps: w_{steps - k} is a constant, so the "
+            "learned initialisation params=callable gets no hypergradient through w_0"
+        )
+        solution.info["note"] = note
+        warnings.warn(note, HypergradientWarning, stacklevel=3)
+    return solution

@@ -124,12 +124,12 @@ def test_per_group_setting_missing_a_parameter_is_named():
 @pytest.mark.parametrize(
     "make,message",
     [
-        (lambda: bilevel.sgd(lr=-1.0), "lr must be >= 0"),
+        (lambda: bilevel.sgd(lr=-1.0), "lr must be a finite number >= 0"),
         (lambda: bilevel.sgd(lr="fast"), "lr must be a float or a callable"),
-        (lambda: bilevel.sgd(lr=0.1, momentum=-0.5), "momentum must be >= 0"),
+        (lambda: bilevel.sgd(lr=0.1, momentum=-0.5), "momentum must be a finite number >= 0"),
         (lambda: bilevel.sgd(lr=0.1, nesterov=True), "nesterov=True needs a momentum"),
         (lambda: bilevel.adam(lr=0.1, betas=(0.9,)), "betas must be a pair"),
-        (lambda: bilevel.adam(lr=0.1, eps=-1.0), "eps must be >= 0"),
+        (lambda: bilevel.adam(lr=0.1, eps=-1.0), "eps must be a finite number >= 0"),
     ],
 )
 def test_bad_settings_are_named(make, message):

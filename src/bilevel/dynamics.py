@@ -19,6 +19,7 @@ optimiser's own settings outer variables like any other, e.g.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -93,14 +94,16 @@ def resolve(
 
 
 def _check_float(label: str, value: Setting, low: float = 0.0, below: float | None = None):
+    """A float setting must be a finite number in [low, below); callables are checked when
+    they run. NaN passes every comparison, so finiteness is tested first."""
     if callable(value):
         return
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(
             f"{label} must be a float or a callable of the hyperparameters, got {value!r}"
         )
-    if value < low:
-        raise ValueError(f"{label} must be >= {low}, got {value}")
+    if not math.isfinite(value) or value < low:
+        raise ValueError(f"{label} must be a finite number >= {low:g}, got {value}")
     if below is not None and value >= below:
         raise ValueError(f"{label} must be < {below}, got {value}")
 

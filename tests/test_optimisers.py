@@ -282,7 +282,7 @@ def _eps(h):
     return h["log_eps"].exp()
 
 
-# eps is large enough for the fixed point to attract (lr * curvature / eps < 2)
+# eps large enough against lr times the curvature for the fixed point to attract
 FIXED_POINT_DYNAMICS = {
     "adamw": lambda: bilevel.adamw(lr=0.1, betas=(0.5, 0.9), eps=_eps, weight_decay=_decay),
     "rmsprop-centered-momentum": lambda: bilevel.rmsprop(

@@ -338,10 +338,11 @@ def adamw(
     Implicit methods: a fixed point (t large, bias corrections 1) has m = g, v = g^2 and
     wd w = -g / (|g| + eps), which is not dL/dw + wd w = 0. Solved for g it is the zero of
     G(w) = dL/dw + eps wd w / (1 - wd |w|) on |wd w| < 1: the gradient of L plus a separable
-    convex penalty (symmetric Jacobian), which implicit-cg/neumann differentiate. Near it
-    AdamW is gradient descent with step about lr / eps, so it converges there only when
-    eps is not tiny (lr * curvature / eps < 2); with eps = 1e-8 it hovers instead, and the
-    implicit methods do not describe f_T.
+    convex penalty (symmetric Jacobian), which implicit-cg/neumann differentiate. Once
+    |g| << eps the step on w scales like lr / eps, so AdamW settles at that fixed point
+    only when eps is not tiny against lr times the curvature of L; with eps = 1e-8 it
+    usually hovers near it without converging, and the implicit methods do not describe
+    f_T (check with `bilevel.check`, or use an unrolled method).
     """
     _check_adam_settings(lr, betas, eps, weight_decay)
     return _adam_dynamics(
@@ -398,6 +399,10 @@ def rmsprop(
 
     Returns the `Dynamics`; slots square_average, then gradient_average (centered), then
     velocity (momentum).
+
+    A fixed point has g = 0 (centered too: there s_hat = 0 and d = g / eps), so the
+    implicit methods use dL/dw + wd w. A centered s_hat that rounds below 0 counts as 0
+    (torch would give NaN).
     """
     _check_float("lr", lr)
     _check_float("alpha", alpha, below=1.0)
@@ -454,7 +459,8 @@ def adagrad(
 
     Returns the `Dynamics`. Its slot sum_of_squares holds the sum of g^2 alone (torch's
     accumulator less its initial value, which is added at each step so that it too can be
-    a hyperparameter).
+    a hyperparameter). The accumulator only grows, so a fixed point has g = 0: the
+    implicit methods use dL/dw + wd w.
     """
     _check_float("lr", lr)
     _check_float("lr_decay", lr_decay)

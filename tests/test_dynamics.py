@@ -54,6 +54,39 @@ def _run_torch(optimizer_class, mlp, steps, **settings):
             torch.optim.Adam,
             {"lr": 0.01, "betas": (0.8, 0.99), "eps": 1e-6},
         ),
+        (
+            bilevel.adamw(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.5),
+            torch.optim.AdamW,
+            {"lr": 0.01, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.5},
+        ),
+        (bilevel.adamw(lr=0.01), torch.optim.AdamW, {"lr": 0.01}),
+        *(
+            (
+                bilevel.rmsprop(**settings),
+                torch.optim.RMSprop,
+                settings,
+            )
+            for settings in (
+                {"lr": 0.01, "alpha": 0.9, "eps": 1e-6, "weight_decay": 0.05},
+                {"lr": 0.01, "momentum": 0.8, "weight_decay": 0.05},
+                {"lr": 0.01, "alpha": 0.95, "centered": True},
+                {"lr": 0.01, "momentum": 0.5, "centered": True, "weight_decay": 0.05},
+            )
+        ),
+        (
+            bilevel.adagrad(
+                lr=0.1, lr_decay=0.05, weight_decay=0.05, initial_accumulator_value=0.3, eps=1e-6
+            ),
+            torch.optim.Adagrad,
+            {
+                "lr": 0.1,
+                "lr_decay": 0.05,
+                "weight_decay": 0.05,
+                "initial_accumulator_value": 0.3,
+                "eps": 1e-6,
+            },
+        ),
+        (bilevel.adagrad(lr=0.1), torch.optim.Adagrad, {"lr": 0.1}),
     ],
 )
 def test_dynamics_follow_torch_optim(ours, theirs, settings):
@@ -124,12 +157,12 @@ def test_per_group_setting_missing_a_parameter_is_named():
 @pytest.mark.parametrize(
     "make,message",
     [
-        (lambda: bilevel.sgd(lr=-1.0), "lr must be >= 0"),
+        (lambda: bilevel.sgd(lr=-1.0), "lr must be a finite number >= 0"),
         (lambda: bilevel.sgd(lr="fast"), "lr must be a float or a callable"),
-        (lambda: bilevel.sgd(lr=0.1, momentum=-0.5), "momentum must be >= 0"),
+        (lambda: bilevel.sgd(lr=0.1, momentum=-0.5), "momentum must be a finite number >= 0"),
         (lambda: bilevel.sgd(lr=0.1, nesterov=True), "nesterov=True needs a momentum"),
         (lambda: bilevel.adam(lr=0.1, betas=(0.9,)), "betas must be a pair"),
-        (lambda: bilevel.adam(lr=0.1, eps=-1.0), "eps must be >= 0"),
+        (lambda: bilevel.adam(lr=0.1, eps=-1.0), "eps must be a finite number >= 0"),
     ],
 )
 def test_bad_settings_are_named(make, message):

@@ -9,7 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import constraints
 from .check import CheckReport, check
-from .dynamics import Dynamics, adam, nesterov, sgd
+from .dynamics import Dynamics, adagrad, adam, adamw, lion, nesterov, rmsprop, sgd
 from .errors import (
     BilevelError,
     BilevelWarning,
@@ -41,12 +41,16 @@ __all__ = [
     "RealTimeHyperOptimizer",
     "SolverWarning",
     "Result",
+    "adagrad",
     "adam",
+    "adamw",
     "check",
     "constraints",
     "functional",
     "hypergradient",
+    "lion",
     "nesterov",
+    "rmsprop",
     "sgd",
     "solve",
 ]

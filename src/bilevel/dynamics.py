@@ -15,21 +15,38 @@ hyperparameters returning a tensor (broadcast to every parameter) or a dict of
 tensors keyed by parameter name (one value per group). That makes the
 optimiser's own settings outer variables like any other, e.g.
 `sgd(lr=lambda h: h["log_lr"].exp())`.
+
+The implicit methods differentiate `Dynamics.stationarity`, whose zeros are the
+fixed points of the step: dL/dw plus any coupled weight decay, or, where the
+decay is decoupled from the gradient (`adamw`, `lion`), the optimiser's own map.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from . import validate
+
 Params = dict[str, Tensor]
 State = tuple[Params, ...]
 Setting = float | Callable[[Mapping[str, Tensor]], Tensor | Mapping[str, Tensor]]
 
-__all__ = ["Dynamics", "sgd", "nesterov", "adam", "resolve"]
+__all__ = [
+    "Dynamics",
+    "adagrad",
+    "adam",
+    "adamw",
+    "lion",
+    "nesterov",
+    "resolve",
+    "rmsprop",
+    "sgd",
+]
 
 
 @dataclass(frozen=True)
@@ -44,13 +61,21 @@ class Dynamics:
     regularize: Callable[[Params, Params, Mapping[str, Tensor]], Params] = field(
         default=lambda params, grads, hparams: grads, repr=False
     )
+    # the optimiser's own stationarity map where a fixed point of its step is not a zero of
+    # regularize (decoupled weight decay: AdamW, Lion); None: regularize is the map
+    stationary: Callable[[Params, Params, Mapping[str, Tensor]], Params] | None = field(
+        default=None, repr=False
+    )
 
     def learning_rates(self, hparams: Mapping[str, Tensor]) -> Callable[[str], Tensor | float]:
         """The step size of each parameter under `hparams` (the Neumann solver uses it)."""
         return resolve(self.lr, hparams, "lr")
 
     def stationarity(self, params: Params, grads: Params, hparams) -> Params:
-        """The map whose zero is a fixed point of the dynamics: dL/dw plus any weight decay."""
+        """The map whose zeros are the fixed points of the dynamics (the implicit methods
+        differentiate it): dL/dw plus any coupled weight decay, or the optimiser's own map."""
+        if self.stationary is not None:
+            return self.stationary(params, grads, hparams)
         return self.regularize(params, grads, hparams)
 
 
@@ -93,14 +118,16 @@ def resolve(
 
 
 def _check_float(label: str, value: Setting, low: float = 0.0, below: float | None = None):
+    """A float setting must be a finite number in [low, below); callables are checked when
+    they run. NaN passes every comparison, so finiteness is tested first."""
     if callable(value):
         return
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(
             f"{label} must be a float or a callable of the hyperparameters, got {value!r}"
         )
-    if value < low:
-        raise ValueError(f"{label} must be >= {low}, got {value}")
+    if not math.isfinite(value) or value < low:
+        raise ValueError(f"{label} must be a finite number >= {low:g}, got {value}")
     if below is not None and value >= below:
         raise ValueError(f"{label} must be < {below}, got {value}")
 
@@ -192,40 +219,344 @@ def _safe_sqrt(x: Tensor) -> Tensor:
     return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), 0.0)
 
 
+def _check_betas(betas) -> None:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    _check_float("betas[0]", betas[0], below=1.0)
+    _check_float("betas[1]", betas[1], below=1.0)
+
+
+def _check_adam_settings(lr, betas, eps, weight_decay) -> None:
+    _check_float("lr", lr)
+    _check_betas(betas)
+    _check_float("eps", eps)
+    _check_float("weight_decay", weight_decay)
+
+
+def _resolve_each(hparams, keys, settings: Mapping[str, Setting]) -> list:
+    """`resolve` every setting of one step, in order; the names serve error messages."""
+    return [resolve(value, hparams, name, keys) for name, value in settings.items()]
+
+
+def _ema(beta, average: Tensor, x: Tensor) -> Tensor:
+    """beta * average + (1 - beta) * x: the moving averages of Adam, RMSprop and Lion."""
+    return beta * average + (1 - beta) * x
+
+
+def _decoupled_decay(weight_decay: Setting):
+    """w - lr * wd * w, applied to the parameters and not to the gradient (AdamW, Lion);
+    the identity when the decay is the float 0."""
+    if not callable(weight_decay) and weight_decay == 0:
+        return lambda params, rate, hparams: params
+
+    def decay(params: Params, rate, hparams) -> Params:
+        wd = resolve(weight_decay, hparams, "weight_decay", params.keys())
+        return {k: _add_scaled(w, rate(k) * wd(k), w, -1.0) for k, w in params.items()}
+
+    return decay
+
+
+def _map_parameters(update, params: Params, grads: Params, state: State):
+    """One step from a per-parameter rule `update(key, w, g, *slots) -> (w, *slots)`,
+    regrouped into the (params, state) dicts of the `Dynamics` interface."""
+    keys = list(params)
+    rows = [update(k, params[k], grads[k], *(slot[k] for slot in state)) for k in keys]
+    columns = list(zip(*rows))
+    return dict(zip(keys, columns[0])), tuple(dict(zip(keys, c)) for c in columns[1:])
+
+
+def _zero_slots(count: int) -> Callable[[Params], State]:
+    return lambda params: tuple(_zeros_like(params) for _ in range(count))
+
+
+def _adam_dynamics(name, lr, betas, eps, regularize, decay, stationary=None) -> Dynamics:
+    """The step shared by Adam (coupled decay in `regularize`) and AdamW (`decay`)."""
+
+    def step(params, state, grads, hparams, t):
+        grads = regularize(params, grads, hparams)
+        rate, epsilon, beta1, beta2 = _resolve_each(
+            hparams,
+            params.keys(),
+            {"lr": lr, "eps": eps, "betas[0]": betas[0], "betas[1]": betas[1]},
+        )
+        params = decay(params, rate, hparams)
+
+        def update(k, w, g, first, second):
+            b1, b2 = beta1(k), beta2(k)
+            m, v = _ema(b1, first, g), _ema(b2, second, g * g)
+            direction = (m / (1 - b1**t)) / (_safe_sqrt(v / (1 - b2**t)) + epsilon(k))
+            return w - rate(k) * direction, m, v
+
+        return _map_parameters(update, params, grads, state)
+
+    slots = ("first_moment", "second_moment")
+    return Dynamics(name, _zero_slots(2), step, lr, slots, regularize, stationary)
+
+
 def adam(
     lr: Setting,
     betas: tuple[Setting, Setting] = (0.9, 0.999),
     eps: Setting = 1e-8,
     weight_decay: Setting = 0.0,
 ) -> Dynamics:
-    """Adam with bias correction and coupled L2 weight decay, differentiable everywhere."""
+    """Adam (Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015) with
+    coupled L2 weight decay, as torch.optim.Adam:
+
+        g = dL/dw + wd w;  m = beta1 m + (1 - beta1) g;  v = beta2 v + (1 - beta2) g^2
+        w = w - lr (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
+
+    Differentiable everywhere, zero gradients included (see `_safe_sqrt`).
+
+    Args:
+        lr, betas, eps, weight_decay: `Setting`s (floats, or callables of the
+            hyperparameters, per group if they return a dict), with torch's defaults.
+
+    Returns the `Dynamics` (slots first_moment, second_moment).
+    """
+    _check_adam_settings(lr, betas, eps, weight_decay)
+    return _adam_dynamics(
+        "adam", lr, betas, eps, _weight_decay(weight_decay), _decoupled_decay(0.0)
+    )
+
+
+def adamw(
+    lr: Setting,
+    betas: tuple[Setting, Setting] = (0.9, 0.999),
+    eps: Setting = 1e-8,
+    weight_decay: Setting = 1e-2,
+) -> Dynamics:
+    """AdamW: Adam with decoupled weight decay (Loshchilov & Hutter, "Decoupled Weight Decay
+    Regularization", ICLR 2019), as torch.optim.AdamW: w = w - lr wd w, then `adam`'s step
+    on the plain gradient g = dL/dw.
+
+    Args:
+        lr, betas, eps, weight_decay: `Setting`s (floats, or callables of the
+            hyperparameters, per group if they return a dict), with torch's defaults.
+
+    Returns the `Dynamics` (slots first_moment, second_moment).
+
+    Implicit methods: a fixed point (t large, bias corrections 1) has m = g, v = g^2 and
+    wd w = -g / (|g| + eps), which is not dL/dw + wd w = 0. Solved for g it is the zero of
+    G(w) = dL/dw + eps wd w / (1 - wd |w|) on |wd w| < 1: the gradient of L plus a separable
+    convex penalty (symmetric Jacobian), which implicit-cg/neumann differentiate. Once
+    |g| << eps the step on w scales like lr / eps, so AdamW settles at that fixed point
+    only when eps is not tiny against lr times the curvature of L; with eps = 1e-8 it
+    usually hovers near it without converging, and the implicit methods do not describe
+    f_T (check with `bilevel.check`, or use an unrolled method).
+    """
+    _check_adam_settings(lr, betas, eps, weight_decay)
+    return _adam_dynamics(
+        "adamw",
+        lr,
+        betas,
+        eps,
+        _weight_decay(0.0),
+        _decoupled_decay(weight_decay),
+        _adamw_stationarity(eps, weight_decay),
+    )
+
+
+def _adamw_stationarity(eps: Setting, weight_decay: Setting):
+    def stationarity(params: Params, grads: Params, hparams) -> Params:
+        epsilon, wd = _resolve_each(
+            hparams, params.keys(), {"eps": eps, "weight_decay": weight_decay}
+        )
+        out = {}
+        for k, w in params.items():
+            shrink = wd(k) * w.abs()
+            if bool((shrink >= 1).any()):  # one synchronisation per parameter, once per solve
+                raise ValueError(
+                    f"w_T is not a fixed point of adamw: |weight_decay * w| >= 1 in parameter "
+                    f"{k!r}, where the decay outweighs any Adam update (|m / (sqrt(v) + eps)| "
+                    "< 1); run more inner steps, or use an unrolled method (reverse, forward)"
+                )
+            out[k] = grads[k] + epsilon(k) * wd(k) * w / (1 - shrink)
+        return out
+
+    return stationarity
+
+
+def rmsprop(
+    lr: Setting,
+    alpha: Setting = 0.99,
+    eps: Setting = 1e-8,
+    weight_decay: Setting = 0.0,
+    momentum: Setting = 0.0,
+    centered: bool = False,
+) -> Dynamics:
+    """RMSprop (Tieleman & Hinton, COURSERA Neural Networks for Machine Learning, lecture
+    6.5, 2012; centered: Graves, "Generating Sequences With Recurrent Neural Networks",
+    arXiv:1308.0850, 2013), as torch.optim.RMSprop:
+
+        g = dL/dw + wd w;  s = alpha s + (1 - alpha) g^2
+        centered: a = alpha a + (1 - alpha) g;  s_hat = s - a^2  (else s_hat = s)
+        d = g / (sqrt(s_hat) + eps);  momentum: b = mu b + d, d = b;  w = w - lr d
+
+    Args:
+        lr, alpha (in [0, 1)), eps, weight_decay (coupled), momentum (in [0, 1); on when it
+            is not the float 0): `Setting`s.
+        centered: normalise by the running variance rather than the second moment.
+
+    Returns the `Dynamics`; slots square_average, then gradient_average (centered), then
+    velocity (momentum).
+
+    A fixed point has g = 0 (centered too: there s_hat = 0 and d = g / eps), so the
+    implicit methods use dL/dw + wd w. A centered s_hat that rounds below 0 counts as 0
+    (torch would give NaN).
+    """
     _check_float("lr", lr)
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    _check_float("betas[0]", betas[0], below=1.0)
-    _check_float("betas[1]", betas[1], below=1.0)
+    _check_float("alpha", alpha, below=1.0)
     _check_float("eps", eps)
     _check_float("weight_decay", weight_decay)
+    _check_float("momentum", momentum, below=1.0)
+    validate.boolean("centered", centered)
     regularize = _weight_decay(weight_decay)
+    with_momentum = callable(momentum) or momentum != 0
+    slots = ("square_average",) + ("gradient_average",) * centered + ("velocity",) * with_momentum
 
     def step(params, state, grads, hparams, t):
         grads = regularize(params, grads, hparams)
-        keys = params.keys()
-        rate, epsilon = resolve(lr, hparams, "lr", keys), resolve(eps, hparams, "eps", keys)
-        beta1 = resolve(betas[0], hparams, "betas[0]", keys)
-        beta2 = resolve(betas[1], hparams, "betas[1]", keys)
-        first, second = state
-        new_params, new_first, new_second = {}, {}, {}
+        rate, decay, epsilon, mu = _resolve_each(
+            hparams,
+            params.keys(),
+            {"lr": lr, "alpha": alpha, "eps": eps, "momentum": momentum},
+        )
+
+        def update(k, w, g, square, *rest):
+            rest = list(rest)
+            square = _ema(decay(k), square, g * g)
+            new_slots, variance = [square], square
+            if centered:
+                average = _ema(decay(k), rest.pop(0), g)
+                new_slots.append(average)
+                variance = square - average * average
+            direction = g / (_safe_sqrt(variance) + epsilon(k))
+            if with_momentum:
+                direction = _add_scaled(direction, mu(k), rest.pop(0))
+                new_slots.append(direction)
+            return _add_scaled(w, rate(k), direction, -1.0), *new_slots
+
+        return _map_parameters(update, params, grads, state)
+
+    return Dynamics("rmsprop", _zero_slots(len(slots)), step, lr, slots, regularize)
+
+
+def adagrad(
+    lr: Setting,
+    lr_decay: Setting = 0.0,
+    weight_decay: Setting = 0.0,
+    initial_accumulator_value: Setting = 0.0,
+    eps: Setting = 1e-10,
+) -> Dynamics:
+    """Adagrad (Duchi, Hazan & Singer, "Adaptive Subgradient Methods for Online Learning and
+    Stochastic Optimization", JMLR 2011), as torch.optim.Adagrad:
+
+        g = dL/dw + wd w;  s = s + g^2
+        w = w - lr / (1 + (t - 1) lr_decay) * g / (sqrt(initial_accumulator_value + s) + eps)
+
+    Args:
+        lr, lr_decay, weight_decay (coupled), initial_accumulator_value, eps: `Setting`s.
+
+    Returns the `Dynamics`. Its slot sum_of_squares holds the sum of g^2 alone (torch's
+    accumulator less its initial value, which is added at each step so that it too can be
+    a hyperparameter). The accumulator only grows, so a fixed point has g = 0: the
+    implicit methods use dL/dw + wd w.
+    """
+    _check_float("lr", lr)
+    _check_float("lr_decay", lr_decay)
+    _check_float("weight_decay", weight_decay)
+    _check_float("initial_accumulator_value", initial_accumulator_value)
+    _check_float("eps", eps)
+    regularize = _weight_decay(weight_decay)
+    settings = {
+        "lr": lr,
+        "lr_decay": lr_decay,
+        "initial_accumulator_value": initial_accumulator_value,
+        "eps": eps,
+    }
+
+    def step(params, state, grads, hparams, t):
+        grads = regularize(params, grads, hparams)
+        rate, decay, start, epsilon = _resolve_each(hparams, params.keys(), settings)
+
+        def update(k, w, g, squares):
+            squares = squares + g * g
+            scale = rate(k) / (1 + (t - 1) * decay(k))
+            return w - scale * g / (_safe_sqrt(start(k) + squares) + epsilon(k)), squares
+
+        return _map_parameters(update, params, grads, state)
+
+    return Dynamics("adagrad", _zero_slots(1), step, lr, ("sum_of_squares",), regularize)
+
+
+def lion(
+    lr: Setting,
+    betas: tuple[Setting, Setting] = (0.9, 0.99),
+    weight_decay: Setting = 0.0,
+) -> Dynamics:
+    """Lion (Chen, Liang, Huang, Real, Wang, Pham, Dong, Luong, Hsieh, Lu & Le, "Symbolic
+    Discovery of Optimization Algorithms", NeurIPS 2023, Algorithm 2):
+
+        c = beta1 m + (1 - beta1) g;  w = w - lr (sign(c) + wd w);  m = beta2 m + (1 - beta2) g
+
+    with decoupled weight decay (torch.optim has no Lion).
+
+    Args:
+        lr, betas, weight_decay: `Setting`s.
+
+    Returns the `Dynamics` (slot momentum).
+
+    Hypergradients: sign() has derivative 0 wherever it is differentiable (autograd uses
+    0 at 0 too), so w_T depends on the gradients only through their signs. It is piecewise
+    constant in every hyperparameter that enters through the inner objective or the betas:
+    the path of such a hyperparameter through the inner run contributes exactly 0, which
+    is the derivative of f_T almost everywhere (f_T jumps where a sign flips, which no
+    derivative sees). Only lr, weight_decay and w_0 carry hypergradients through the run.
+
+    Implicit methods: a fixed point has m = g and sign(g) + wd w = 0: each coordinate at
+    -sign(g) / wd on the box |w| <= 1/wd (Lion with this decay minimises L over that box:
+    Chen, Liu, Liang & Liu, "Lion Secretly Solves Constrained Optimization", ICLR 2024), or
+    exactly g = 0 and w = 0. The implicit methods differentiate G(w) = sign(dL/dw) + wd w,
+    exact wherever no gradient entry is 0 (dw*/dlambda = -(w*/wd) dwd/dlambda). A
+    minimiser of L inside the box is no fixed point (Lion oscillates around it by about
+    lr): there use an unrolled method. Without weight decay there is no isolated fixed
+    point: implicit-cg and implicit-neumann refuse the dynamics, and fixed-point does not
+    converge (the step map is the identity in w).
+    """
+    _check_float("lr", lr)
+    _check_betas(betas)
+    _check_float("weight_decay", weight_decay)
+    decay = _decoupled_decay(weight_decay)
+
+    def step(params, state, grads, hparams, t):
+        rate, beta1, beta2 = _resolve_each(
+            hparams, params.keys(), {"lr": lr, "betas[0]": betas[0], "betas[1]": betas[1]}
+        )
+        params = decay(params, rate, hparams)
+
+        def update(k, w, g, momentum):
+            direction = torch.sign(_ema(beta1(k), momentum, g))
+            return _add_scaled(w, rate(k), direction, -1.0), _ema(beta2(k), momentum, g)
+
+        return _map_parameters(update, params, grads, state)
+
+    stationary = _lion_stationarity(weight_decay)
+    return Dynamics("lion", _zero_slots(1), step, lr, ("momentum",), stationary=stationary)
+
+
+def _lion_stationarity(weight_decay: Setting):
+    def stationarity(params: Params, grads: Params, hparams) -> Params:
+        wd = resolve(weight_decay, hparams, "weight_decay", params.keys())
+        out = {}
         for k, w in params.items():
-            b1, b2, g = beta1(k), beta2(k), grads[k]
-            m = b1 * first[k] + (1 - b1) * g
-            v = b2 * second[k] + (1 - b2) * g * g
-            update = (m / (1 - b1**t)) / (_safe_sqrt(v / (1 - b2**t)) + epsilon(k))
-            new_params[k] = w - rate(k) * update
-            new_first[k], new_second[k] = m, v
-        return new_params, (new_first, new_second)
+            if not bool(torch.as_tensor(wd(k) > 0).all()):
+                raise ValueError(
+                    f"lion without weight decay (weight_decay is 0 for parameter {k!r}) has "
+                    "no isolated fixed point, so implicit differentiation does not apply "
+                    "(fixed-point would not converge either): use an unrolled method "
+                    "(reverse, truncated, forward)"
+                )
+            out[k] = torch.sign(grads[k]) + wd(k) * w
+        return out
 
-    def init(params):
-        return (_zeros_like(params), _zeros_like(params))
-
-    return Dynamics("adam", init, step, lr, ("first_moment", "second_moment"), regularize)
+    return stationarity

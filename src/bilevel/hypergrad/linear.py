@@ -60,8 +60,9 @@ def conjugate_gradient(
         rmatvec: unused (A is symmetric); accepted for the uniform signature.
 
     Returns:
-        (x, info). The recurrence residual is checked against the true one at the end; where
-        they disagree (rounding) CG restarts from the true residual within the budget.
+        (x, info). The recurrence residual is checked against the true one (one more product
+        per run); where they disagree (rounding) CG restarts from the true residual within the
+        budget.
     """
     return _iterate(partial(_cg_cycle, matvec), matvec, b, iterations, tolerance)
 

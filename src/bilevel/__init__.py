@@ -18,9 +18,11 @@ from .errors import (
     InnerDivergenceError,
     SolverWarning,
 )
-from .hypergrad import METHODS, Result, hypergradient
+from .hypergrad import METHODS
+from .hypergrad.implicit import custom_argmin, custom_fixed_point, custom_root
 from .nn import functional
 from .outer import HyperOptimizer, RealTimeHyperOptimizer
+from .problem import Problem, Result, hypergradient
 from .solve import solve
 
 try:
@@ -38,6 +40,7 @@ __all__ = [
     "HypergradientError",
     "HypergradientWarning",
     "InnerDivergenceError",
+    "Problem",
     "RealTimeHyperOptimizer",
     "SolverWarning",
     "Result",
@@ -46,6 +49,9 @@ __all__ = [
     "adamw",
     "check",
     "constraints",
+    "custom_argmin",
+    "custom_fixed_point",
+    "custom_root",
     "functional",
     "hypergradient",
     "lion",

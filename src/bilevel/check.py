@@ -9,8 +9,9 @@ import torch
 from torch import Tensor
 
 from .dynamics import Dynamics
-from .hypergrad import hypergradient, prepare
-from .hypergrad.problem import Init, Objective, RandomState, evaluate
+from .hypergrad.problem import RandomState, evaluate
+from .problem import Problem
+from .typing import Init, Objective
 
 
 @dataclass
@@ -67,20 +68,21 @@ def check(
     """
     lam = {k: v.detach() for k, v in hparams.items()}
     random = RandomState.capture([*lam.values()])
-    result = hypergradient(inner, outer, params, hparams, dynamics, steps, method, **options)
+    problem = Problem.create(inner, outer, params, hparams, dynamics, steps, method, options)
+    result = problem.hypergradient(hparams)
     basis = _directions(lam, directions, seed)
     if eps is None:
         some = next(iter(lam.values()))
         eps = 1e-6 if some.dtype == torch.float64 else 1e-2
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps!r}")
-    problem, _ = prepare(inner, params, hparams, dynamics, steps, "reverse", {})
+    inner_problem = problem.inner
 
     def f(shifted):  # the run and then the outer objective draw as in the method's run
         with random.restored():
-            z = problem.run(problem.start(params, shifted), shifted, 1, steps)
+            z = inner_problem.run(inner_problem.start(params, shifted), shifted, 1, steps)
             with torch.no_grad():
-                return float(evaluate("outer", outer, problem.params_of(z), shifted))
+                return float(evaluate("outer", outer, inner_problem.params_of(z), shifted))
 
     analytic, numeric = [], []
     for v in basis:
@@ -88,7 +90,12 @@ def check(
         plus = f({k: lam[k] + eps * v[k] for k in lam})
         minus = f({k: lam[k] - eps * v[k] for k in lam})
         numeric.append((plus - minus) / (2 * eps))
-    return CheckReport(method, torch.tensor(analytic), torch.tensor(numeric), eps)
+    return CheckReport(
+        method,
+        torch.tensor(analytic, dtype=torch.float64),
+        torch.tensor(numeric, dtype=torch.float64),
+        eps,
+    )
 
 
 def _directions(lam: Mapping[str, Tensor], count: int | None, seed: int):

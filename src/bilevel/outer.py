@@ -21,8 +21,9 @@ from torch import Tensor
 from . import validate
 from .constraints import project
 from .dynamics import Dynamics
-from .hypergrad import ForwardSolver, hypergradient, prepare, pull_back
-from .hypergrad.problem import Init, Objective
+from .hypergrad import ForwardSolver
+from .problem import Problem, pull_back
+from .typing import Init, Objective
 
 Callback = Callable[[dict], None]
 
@@ -136,26 +137,22 @@ class HyperOptimizer(_OuterLoop):
         super().__init__(hparams, optimizer, constraints, callbacks)
         if warm_start and callable(params):
             raise ValueError("warm_start=True needs params as a dict, not a callable of hparams")
-        prepare(inner, params, hparams, dynamics, steps, method, options)  # fail early
-        self.inner, self.outer, self.params = inner, outer, params
-        self.dynamics, self.steps, self.method, self.options = dynamics, steps, method, options
+        self.problem = Problem.create(
+            inner, outer, params, hparams, dynamics, steps, method, options
+        )  # validated once, here
         self.warm_start = warm_start
         self.last = None
 
+    @property
+    def params(self) -> Init:
+        """w_0 of the next inner run (the last w_T with warm_start)."""
+        return self.problem.init
+
     def step(self) -> dict:
         began = time.perf_counter()
-        result = hypergradient(
-            self.inner,
-            self.outer,
-            self.params,
-            self.hparams,
-            self.dynamics,
-            self.steps,
-            self.method,
-            **self.options,
-        )
+        result = self.problem.hypergradient(self.hparams)
         if self.warm_start:
-            self.params = result.params
+            self.problem = self.problem.with_params(result.params)
         self.last = result
         return self._update(
             result.value, result.grads, {"seconds": time.perf_counter() - began, **result.info}
@@ -170,7 +167,8 @@ class HyperOptimizer(_OuterLoop):
         if self.warm_start:
             if inner is None or set(inner) != set(self.params):
                 raise ValueError("state: its warm-start params do not match this loop's")
-            self.params = {k: v.to(self.params[k].device).clone() for k, v in inner.items()}
+            params = {k: v.to(self.params[k].device).clone() for k, v in inner.items()}
+            self.problem = self.problem.with_params(params)
 
 
 class RealTimeHyperOptimizer(_OuterLoop):
@@ -191,11 +189,10 @@ class RealTimeHyperOptimizer(_OuterLoop):
         vectorize: bool = True,
     ):
         super().__init__(hparams, optimizer, constraints, callbacks)
-        validate.objective("outer", outer)
         self.every = validate.steps(every)
-        problem, _ = prepare(inner, params, hparams, dynamics, every, "forward", {})
+        problem = Problem.create(inner, outer, params, hparams, dynamics, every, "forward")
         self.outer = outer
-        self.solver = ForwardSolver(problem, params, hparams, vectorize=vectorize)
+        self.solver = ForwardSolver(problem.inner, params, hparams, vectorize=vectorize)
 
     @property
     def params(self) -> dict[str, Tensor]:

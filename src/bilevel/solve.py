@@ -10,22 +10,20 @@ into w_0 where it requires grad), from where ordinary autograd continues.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 from torch import Tensor
 
 from . import validate
 from .dynamics import Dynamics
 from .errors import HypergradientError
-from .hypergrad import prepare
-from .hypergrad.problem import Init, Objective
+from .problem import Problem
+from .typing import Hparams, Init, Objective
 
 
 def solve(
     inner: Objective,
     params: Init,
-    hparams: Mapping[str, Tensor],
+    hparams: Hparams,
     dynamics: Dynamics,
     steps: int,
     method: str = "reverse",
@@ -37,21 +35,22 @@ def solve(
     requires grad (say, under torch.no_grad() at meta-test time) the inner run
     keeps no graph and stores nothing.
     """
-    problem, run = prepare(
-        inner, params, hparams, dynamics, steps, method, options, require_grad=False
+    problem = Problem.create(
+        inner, None, params, hparams, dynamics, steps, method, options, require_grad=False
     )
-    keys, names = list(problem.keys), list(hparams)
+    keys, names = list(problem.inner.keys), list(hparams)
     start = [] if callable(params) else [params[k] for k in keys]
     tracked = [t for t in (*start, *hparams.values()) if t.requires_grad]
     if not (torch.is_grad_enabled() and tracked):
-        z = problem.run(problem.start(params, hparams), hparams, 1, steps)
-        return problem.params_of(z)
+        inner_problem = problem.inner
+        z = inner_problem.run(inner_problem.start(params, hparams), hparams, 1, steps)
+        return inner_problem.params_of(z)
     if method == "forward" and any(v.requires_grad for v in start):
         raise ValueError(
             "method 'forward' cannot differentiate with respect to params (a d x d Jacobian); "
             "detach them, pass params as a callable of hparams, or use method='reverse'"
         )
-    spec = (problem, run, params if callable(params) else None, keys, names, steps, options)
+    spec = (problem, callable(params), names)
     outputs = _Solve.apply(spec, *start, *hparams.values())
     return dict(zip(keys, outputs))
 
@@ -59,11 +58,12 @@ def solve(
 class _Solve(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, *tensors):
-        problem, run, init_fn, keys, names, steps, options = spec
-        n = 0 if init_fn is not None else len(keys)
-        init = init_fn or dict(zip(keys, (t.detach() for t in tensors[:n])))
-        lam = {k: t.detach().requires_grad_(True) for k, t in zip(names, tensors[n:])}
-        ctx.solution = run(problem, init, lam, steps, **options)
+        problem, learned, names = spec
+        keys = problem.inner.keys
+        n = 0 if learned else len(keys)  # w_0 tensors come first when they are inputs
+        if n:
+            problem = problem.with_params({k: t.detach() for k, t in zip(keys, tensors[:n])})
+        ctx.solution = problem.solution(dict(zip(names, tensors[n:])))
         ctx.keys, ctx.names, ctx.n_init = keys, names, n
         return tuple(ctx.solution.params[k].detach().clone() for k in keys)
 

@@ -134,7 +134,7 @@ class ForwardSolver:
         that would be a d x d Jacobian)."""
         n = len(self.problem.keys)
         flat = sum(
-            (tangent.flatten(1) @ adjoint[k].flatten())
+            tangent.reshape(self.size, -1) @ adjoint[k].reshape(-1)  # 0-dim parameters too
             for k, tangent in zip(self.problem.keys, self.tangents[:n])
         )
         return _unflatten(flat, self.hparams), None

@@ -1,0 +1,74 @@
+"""Forward mode on what users write: 0-dim tensors; each hypergradient against finite
+differences or another method (float64)."""
+
+import pytest
+import torch
+
+import bilevel
+
+from .problems import DTYPE, relative_error
+
+VECTORIZE = [True, False]
+
+
+def _data(seed=0, n=24, d=3):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=DTYPE)
+    return X, X @ torch.randn(d, generator=g, dtype=DTYPE) + 0.3
+
+
+class ZeroDim:
+    """Regression with a 0-dim bias as an inner parameter; a 0-dim L2 weight on it and a 0-dim
+    target shift as hyperparameters, beside a vector one."""
+
+    def __init__(self):
+        self.X, self.y = _data()
+        self.Xv, self.yv = _data(seed=1)
+
+    def inner(self, p, h):
+        r = self.X @ p["w"] + p["b"] - self.y - h["shift"]
+        penalty = (h["log_l2"].exp() * p["w"] ** 2).sum() + h["log_l2_b"].exp() * p["b"] ** 2
+        return 0.5 * (r @ r) / len(r) + 0.5 * penalty
+
+    def outer(self, p, h):
+        r = self.Xv @ p["w"] + p["b"] - self.yv
+        return 0.5 * (r @ r) / len(r)
+
+    def params(self):
+        return {"w": torch.zeros(3, dtype=DTYPE), "b": torch.tensor(0.5, dtype=DTYPE)}
+
+    def hparams(self):
+        values = {"log_l2": [-1.0, -2.0, -1.5], "log_l2_b": -1.0, "shift": 0.2}
+        return {k: torch.tensor(v, dtype=DTYPE, requires_grad=True) for k, v in values.items()}
+
+
+@pytest.mark.parametrize("vectorize", VECTORIZE)
+def test_zero_dim_parameters_and_hyperparameters(vectorize):
+    problem = ZeroDim()
+    dynamics = bilevel.sgd(lr=0.2, momentum=0.5)
+    args = (problem.inner, problem.outer, problem.params(), problem.hparams(), dynamics, 15)
+    report = bilevel.check(*args, "forward", vectorize=vectorize)
+    assert report.passed(1e-6), report
+    # a learned initialisation of the 0-dim parameter: its tangents start non-zero
+    hparams = {**problem.hparams(), "b0": torch.tensor(0.3, dtype=DTYPE, requires_grad=True)}
+    init = lambda h: {"w": torch.zeros(3, dtype=DTYPE), "b": 2 * h["b0"]}  # noqa: E731
+    report = bilevel.check(problem.inner, problem.outer, init, hparams, dynamics, 15, "forward")
+    assert report.passed(1e-6), report
+
+
+@pytest.mark.parametrize("vectorize", VECTORIZE)
+def test_real_time_loop_with_a_zero_dim_parameter(vectorize):
+    problem = ZeroDim()
+    hparams = problem.hparams()
+    dynamics = bilevel.sgd(lr=0.2)
+    optimizer = torch.optim.SGD(list(hparams.values()), lr=0.0)
+    loop = bilevel.RealTimeHyperOptimizer(
+        problem.inner, problem.outer, problem.params(), hparams, dynamics, 10, optimizer,
+        vectorize=vectorize,
+    )  # fmt: skip
+    loop.step()
+    reference = bilevel.hypergradient(
+        problem.inner, problem.outer, problem.params(), hparams, dynamics, 10, "reverse"
+    )
+    for k, v in hparams.items():
+        assert relative_error(v.grad, reference.grads[k]) < 1e-12

@@ -1,12 +1,12 @@
-"""Forward mode on what users write: 0-dim tensors; each hypergradient against finite
-differences or another method (float64)."""
+"""Forward mode on what users write: 0-dim tensors, one-element objectives; each
+hypergradient against finite differences or another method (float64)."""
 
 import pytest
 import torch
 
 import bilevel
 
-from .problems import DTYPE, relative_error
+from .problems import DTYPE, Ridge, relative_error
 
 VECTORIZE = [True, False]
 
@@ -72,3 +72,47 @@ def test_real_time_loop_with_a_zero_dim_parameter(vectorize):
     )
     for k, v in hparams.items():
         assert relative_error(v.grad, reference.grads[k]) < 1e-12
+
+
+ALL_METHODS = [
+    ("reverse", {}),
+    ("reverse", {"memory": "trajectory"}),
+    ("reverse", {"memory": "checkpoint"}),
+    ("truncated", {"k": 5}),
+    ("forward", {}),
+    ("forward", {"vectorize": False}),
+    ("implicit-cg", {}),
+    ("implicit-neumann", {}),
+    ("fixed-point", {}),
+]
+
+
+@pytest.mark.parametrize("method,options", ALL_METHODS)
+@pytest.mark.parametrize("shape", [(1,), (1, 1)])
+def test_one_element_objectives_count_as_scalars_for_every_method(method, options, shape):
+    ridge, steps, lr = Ridge(), 30, 0.3
+    inner = lambda p, h: ridge.inner(p, h).reshape(shape)  # noqa: E731
+    outer = lambda p, h: ridge.outer(p, h).reshape(shape)  # noqa: E731
+    args = (ridge.params(), ridge.hparams(), bilevel.sgd(lr=lr), steps, method)
+    result = bilevel.hypergradient(inner, outer, *args, **options)
+    scalar = bilevel.hypergradient(ridge.inner, ridge.outer, *args, **options)
+    assert relative_error(result.grads["gamma"], scalar.grads["gamma"]) < 1e-12
+    assert result.value == scalar.value
+    if method in ("reverse", "forward"):  # the full unroll: f_T in closed form
+        value, grad = ridge.exact_T(steps, lr)
+        assert abs(result.value - value) <= 1e-12 * abs(value)
+        assert relative_error(result.grads["gamma"], grad) < 1e-10
+    # the same objectives through the autograd node
+    gamma = ridge.gamma.detach().clone().requires_grad_(True)
+    w_T = bilevel.solve(inner, ridge.params(), {"gamma": gamma}, bilevel.sgd(lr=lr), steps,
+                        method, **options)  # fmt: skip
+    outer(w_T, None).sum().backward()
+    assert relative_error(gamma.grad, scalar.grads["gamma"]) < 1e-12
+
+
+def test_objectives_of_more_than_one_element_are_still_refused():
+    ridge = Ridge()
+    inner = lambda p, h: ridge.inner(p, h).reshape(1).expand(2)  # noqa: E731
+    args = (ridge.outer, ridge.params(), ridge.hparams(), bilevel.sgd(lr=0.3), 5, "forward")
+    with pytest.raises(ValueError, match=r"inner objective must return a scalar.*\(2,\)"):
+        bilevel.hypergradient(inner, *args)

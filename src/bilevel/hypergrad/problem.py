@@ -180,7 +180,10 @@ def with_step(inner: Callable) -> Callable[[Params, Mapping[str, Tensor], int], 
 
 
 def evaluate(which: str, objective: Callable, params, hparams, *step) -> Tensor:
-    """objective(params, hparams[, t]), checked to be a scalar; a missing key is explained."""
+    """objective(params, hparams[, t]) as a 0-dim tensor; a missing key is explained.
+
+    A one-element result of any shape, (1,) or (1, 1), is taken as the scalar it holds.
+    """
     try:
         value = objective(params, hparams, *step)
     except KeyError as error:
@@ -192,7 +195,7 @@ def evaluate(which: str, objective: Callable, params, hparams, *step) -> Tensor:
             ) from error
         raise
     check_scalar(which, value)
-    return value
+    return value.reshape(())  # so that every method sees the same 0-dim value
 
 
 def check_scalar(which: str, value) -> None:

@@ -1,8 +1,10 @@
-"""Forward mode on what users write: 0-dim tensors, one-element objectives; each
-hypergradient against finite differences or another method (float64)."""
+"""Forward mode on what users write: 0-dim tensors, one-element objectives, PyTorch's losses,
+dropout; each hypergradient against finite differences or another method (float64)."""
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import bilevel
 
@@ -116,3 +118,81 @@ def test_objectives_of_more_than_one_element_are_still_refused():
     args = (ridge.outer, ridge.params(), ridge.hparams(), bilevel.sgd(lr=0.3), 5, "forward")
     with pytest.raises(ValueError, match=r"inner objective must return a scalar.*\(2,\)"):
         bilevel.hypergradient(inner, *args)
+
+
+LOSSES = {
+    "mse_loss": lambda prediction, target: F.mse_loss(prediction, target),
+    # delta inside the residuals' range: both the quadratic and the linear branch are used
+    "huber_loss": lambda prediction, target: F.huber_loss(prediction, target, delta=0.5),
+}
+
+
+@pytest.mark.parametrize("vectorize", VECTORIZE)
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_pytorch_losses_in_the_inner_objective(loss, vectorize):
+    X, y = _data(n=30)
+    Xv, yv = _data(seed=2, n=20)
+    criterion = LOSSES[loss]
+
+    def inner(p, h):
+        return criterion(X @ p["w"], y) + 0.5 * (h["log_l2"].exp() * p["w"] ** 2).sum()
+
+    def outer(p, h):
+        return criterion(Xv @ p["w"], yv)
+
+    params = {"w": torch.zeros(3, dtype=DTYPE)}
+    hparams = {"log_l2": torch.tensor([-1.0, -2.0, -3.0], dtype=DTYPE, requires_grad=True)}
+    report = bilevel.check(inner, outer, params, hparams, bilevel.sgd(lr=0.1, momentum=0.5), 20,
+                           "forward", vectorize=vectorize)  # fmt: skip
+    assert report.passed(1e-6), report
+
+
+def _dropout_problem():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(32, 4, generator=g, dtype=DTYPE)
+    y = torch.randn(32, 1, generator=g, dtype=DTYPE)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 1)).to(DTYPE)
+    params, apply = bilevel.functional(net)  # training mode: a fresh mask at every call
+
+    def inner(p, h):
+        decay = h["log_wd"].exp() * (p["0.weight"] ** 2).sum()
+        return ((apply(p, X * h["scale"]) - y) ** 2).mean() + decay
+
+    def outer(p, h):
+        return ((apply(p, X) - y) ** 2).mean()
+
+    hparams = {
+        "log_wd": torch.tensor(-3.0, dtype=DTYPE, requires_grad=True),
+        "scale": torch.ones(4, dtype=DTYPE, requires_grad=True),
+    }
+    return inner, outer, params, hparams
+
+
+@pytest.mark.parametrize("vectorize", VECTORIZE)
+def test_dropout_sees_the_masks_of_reverse_mode(vectorize):
+    inner, outer, params, hparams = _dropout_problem()
+    dynamics, steps = bilevel.sgd(lr=0.1, momentum=0.5), 8
+
+    def run(method, lam=hparams, **options):
+        torch.manual_seed(7)
+        return bilevel.hypergradient(inner, outer, params, lam, dynamics, steps, method, **options)
+
+    reverse = run("reverse", memory="graph")
+    forward = run("forward", vectorize=vectorize)
+    assert forward.value == reverse.value
+    for k in hparams:
+        assert relative_error(forward.grads[k], reverse.grads[k]) < 1e-10
+    # with the seed fixed f_T is a deterministic function: central differences along a direction
+    direction = {
+        "log_wd": torch.tensor(0.6, dtype=DTYPE),
+        "scale": torch.full((4,), 0.4, dtype=DTYPE),
+    }
+    eps = 1e-6
+    shifted = [
+        {k: (v.detach() + s * eps * direction[k]).requires_grad_(True) for k, v in hparams.items()}
+        for s in (1, -1)
+    ]
+    numeric = (run("reverse", shifted[0]).value - run("reverse", shifted[1]).value) / (2 * eps)
+    analytic = sum(float((forward.grads[k] * direction[k]).sum()) for k in hparams)
+    assert abs(analytic - numeric) <= 1e-6 * abs(numeric)

@@ -76,6 +76,16 @@ def test_real_time_loop_with_a_zero_dim_parameter(vectorize):
         assert relative_error(v.grad, reference.grads[k]) < 1e-12
 
 
+def test_real_time_solver_refuses_hyperparameters_of_another_layout():
+    ridge = Ridge()
+    args = (ridge.params(), ridge.hparams(), bilevel.sgd(lr=0.3), 5, "forward", {})
+    problem, _ = bilevel.hypergrad.prepare(ridge.inner, *args)
+    solver = bilevel.hypergrad.ForwardSolver(problem, ridge.params(), ridge.hparams())
+    solver.set_hparams({"gamma": torch.zeros(6, dtype=DTYPE)})  # new values: fine
+    with pytest.raises(ValueError, match=r"started with keys and shapes \{'gamma': \(6,\)\}"):
+        solver.set_hparams({"gamma": torch.zeros(2, 3, dtype=DTYPE)})
+
+
 ALL_METHODS = [
     ("reverse", {}),
     ("reverse", {"memory": "trajectory"}),

@@ -82,8 +82,16 @@ class ForwardSolver:
         return sum(v.numel() for v in self.hparams.values())
 
     def set_hparams(self, hparams: Mapping[str, Tensor]) -> None:
-        """Continue with new hyperparameters, keeping the tangents (real-time mode)."""
-        self.hparams = detach(hparams)
+        """Continue with new values of the hyperparameters, keeping the tangents (real-time
+        mode): the same keys and shapes, which the tangents and the basis are laid out by."""
+        new = detach(hparams)
+        layout = {k: tuple(v.shape) for k, v in new.items()}
+        expected = {k: tuple(v.shape) for k, v in self.hparams.items()}
+        if layout != expected:
+            raise ValueError(
+                f"hparams: the solver started with keys and shapes {expected}, got {layout}"
+            )
+        self.hparams = new
 
     def advance(self, count: int) -> None:
         """Take `count` inner steps, updating the tangents."""

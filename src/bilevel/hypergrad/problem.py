@@ -245,7 +245,10 @@ _NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONL
 
 
 def evaluate(which: str, objective: Callable, params, hparams, *step) -> Tensor:
-    """objective(params, hparams[, t]), checked to be a scalar; a missing key is explained."""
+    """objective(params, hparams[, t]) as a 0-dim tensor; a missing key is explained.
+
+    A one-element result of any shape, (1,) or (1, 1), is taken as the scalar it holds.
+    """
     try:
         value = objective(params, hparams, *step)
     except KeyError as error:
@@ -257,7 +260,7 @@ def evaluate(which: str, objective: Callable, params, hparams, *step) -> Tensor:
             ) from error
         raise
     check_scalar(which, value)
-    return value
+    return value.reshape(())  # so that every method sees the same 0-dim value
 
 
 def check_scalar(which: str, value) -> None:

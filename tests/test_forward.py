@@ -78,9 +78,9 @@ def test_real_time_loop_with_a_zero_dim_parameter(vectorize):
 
 def test_real_time_solver_refuses_hyperparameters_of_another_layout():
     ridge = Ridge()
-    args = (ridge.params(), ridge.hparams(), bilevel.sgd(lr=0.3), 5, "forward", {})
-    problem, _ = bilevel.hypergrad.prepare(ridge.inner, *args)
-    solver = bilevel.hypergrad.ForwardSolver(problem, ridge.params(), ridge.hparams())
+    args = (ridge.params(), ridge.hparams(), bilevel.sgd(lr=0.3), 5, "forward")
+    problem = bilevel.Problem.create(ridge.inner, ridge.outer, *args)
+    solver = bilevel.hypergrad.ForwardSolver(problem.inner, ridge.params(), ridge.hparams())
     solver.set_hparams({"gamma": torch.zeros(6, dtype=DTYPE)})  # new values: fine
     with pytest.raises(ValueError, match=r"started with keys and shapes \{'gamma': \(6,\)\}"):
         solver.set_hparams({"gamma": torch.zeros(2, 3, dtype=DTYPE)})

@@ -72,7 +72,7 @@ def run(inner=fit, outer=distance, hparams=None, method="reverse", steps=5, para
     )
 
 
-@pytest.mark.parametrize("method", ["reverse", "implicit-cg"])
+@pytest.mark.parametrize("method", ["reverse", "forward", "implicit-cg"])
 def test_a_non_differentiable_objective_is_not_called_divergence(method):
     def inner(p, h):  # sqrt at w = 0: a finite value with a NaN gradient at step 1
         return fit(p, h) + (p["w"] ** 2).sum().sqrt()

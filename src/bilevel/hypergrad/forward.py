@@ -28,7 +28,16 @@ import torch
 from torch import Tensor
 
 from .. import validate
-from .problem import Flat, Init, InnerProblem, check_finite_run, check_shapes, detach, leaves
+from .problem import (
+    Flat,
+    Init,
+    InnerProblem,
+    RandomState,
+    check_finite_run,
+    check_shapes,
+    detach,
+    leaves,
+)
 
 
 def forward(
@@ -97,6 +106,8 @@ class ForwardSolver:
     def advance(self, count: int) -> None:
         """Take `count` inner steps, updating the tangents."""
         losses = None  # one buffer, as in InnerProblem.run
+        start, hparams, first = self.z, self.hparams, self.t + 1
+        random = RandomState.capture(start)  # to replay the run if it goes non-finite
         for i in range(count):
             self.t += 1
             z, self.tangents, loss = self._step(self.t)
@@ -106,7 +117,12 @@ class ForwardSolver:
             losses[i] = loss.detach()
             self.z = z
         if losses is not None:
-            check_finite_run(losses, self.z, self.t - count + 1)
+            check_finite_run(
+                losses,
+                self.z,
+                first,
+                lambda: self.problem.diagnose(start, hparams, first, count, random),
+            )
 
     def _step(self, t: int):
         """z_t, its tangents and the inner loss: one step with its graph, then m products."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bilevel.bench import report, runner
+from bilevel.app.bench import report, runner
 
 
 def test_one_tiny_measurement_gives_a_complete_row(tmp_path, monkeypatch):

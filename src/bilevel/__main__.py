@@ -1,18 +1,29 @@
-"""`python -m bilevel ...`: the command line, which is the application's (`bilevel.app.cli`).
+"""`python -m bilevel ...` and the `bilevel` script: the application's command line.
 
-Not part of the engine: `import bilevel` never runs this module, so importing the application
-here keeps the engine free of it.
+Not part of the engine: `import bilevel` never runs this module. Without the `experiments`
+extra, both entries say in one line what to install instead of failing on an import.
 """
 
 import sys
 
 
 def main() -> int | None:
-    """Run the `bilevel` command line with the process's arguments.
+    """Run the `bilevel` command line (`bilevel.app.cli`) with the process's arguments.
 
     Returns:
-        The exit status for `sys.exit` (click exits by itself in standalone mode).
+        2 when the `experiments` extra is not installed (after one line on stderr naming what
+        is missing and how to install it); otherwise click exits by itself (standalone mode).
     """
+    from bilevel.app import INSTALL_HINT, missing_requirements
+
+    missing = missing_requirements()
+    if missing:
+        print(
+            f"bilevel: the command line needs the experiments extra "
+            f"(missing: {', '.join(missing)}); install it with: {INSTALL_HINT}",
+            file=sys.stderr,
+        )
+        return 2
     from bilevel.app.cli import main as cli
 
     return cli()

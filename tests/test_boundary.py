@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,17 @@ def test_python_m_bilevel_runs_the_command_line():
     assert run.stdout.startswith("Usage: python -m bilevel")
     for command in ("hyperclean", "hparams", "convergence", "fewshot", "bench", "methods"):
         assert command in run.stdout
+
+
+def test_the_public_namespace_holds_only_the_public_api():
+    """Every public name of `bilevel` is in __all__, or is one of its own submodules (Python sets
+    those on the package when they are imported): nothing leaks from __init__.py's imports."""
+    leaked = sorted(
+        name
+        for name, value in vars(bilevel).items()
+        if not name.startswith("_")
+        and name not in bilevel.__all__
+        and not (isinstance(value, types.ModuleType) and value.__name__ == f"bilevel.{name}")
+    )
+    assert leaked == []
+    assert [name for name in bilevel.__all__ if not hasattr(bilevel, name)] == []

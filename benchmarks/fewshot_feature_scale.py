@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bilevel import checkpoints
-from bilevel.data.omniglot import load_omniglot
-from bilevel.experiments.fewshot.config import FewshotConfig
-from bilevel.experiments.fewshot.learners import Learner
-from bilevel.experiments.fewshot.train import training_run
+from bilevel.app import checkpoints
+from bilevel.app.data.omniglot import load_omniglot
+from bilevel.app.experiments.fewshot.config import FewshotConfig
+from bilevel.app.experiments.fewshot.learners import Learner
+from bilevel.app.experiments.fewshot.train import training_run
 
 IMAGES = 100  # drawings of distinct characters, normalised together as one batch
 

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from bilevel.experiments.fewshot import PRESETS, FewshotConfig
-from bilevel.experiments.fewshot.data import class_sets, episodes
-from bilevel.experiments.fewshot.learners import Learner, episode_groups, meta_loss
+from bilevel.app.experiments.fewshot import PRESETS, FewshotConfig
+from bilevel.app.experiments.fewshot.data import class_sets, episodes
+from bilevel.app.experiments.fewshot.learners import Learner, episode_groups, meta_loss
 
 
 def timed(steps: dict, warmup: int, repeat: int) -> dict[str, float]:

@@ -1,8 +1,21 @@
-"""Smoke test of the benchmark suite: one tiny W1 measurement in its own process."""
+"""Smoke test of the benchmark suite: one tiny W1 measurement in its own process; the peers' install
+line."""
 
 from __future__ import annotations
 
-from bilevel.bench import report, runner
+import importlib.util
+import re
+from pathlib import Path
+
+from bilevel.app.bench import report, runner
+from bilevel.app.bench.common import PEERS, Impl, missing_peer
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the experiments extra brings tomli
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_one_tiny_measurement_gives_a_complete_row(tmp_path, monkeypatch):
@@ -19,3 +32,20 @@ def test_one_tiny_measurement_gives_a_complete_row(tmp_path, monkeypatch):
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[:3] == ["w1", "T=5", "bilevel:reverse-trajectory"]
     assert cells[3].endswith(("ms", "s")) and cells[5].endswith("MB")
+
+
+def test_the_peer_install_lines_bring_what_each_peer_needs_to_import():
+    needed = {name for names in PEERS.values() for name in names}
+    for readme in ("README.md", "benchmarks/README.md"):
+        (line,) = re.findall(r"pip install --no-deps ([\w\- ]+)", (ROOT / readme).read_text())
+        assert set(line.split()) == needed, readme
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert set(pyproject["project"]["optional-dependencies"]["peers"]) == needed
+
+
+def test_a_missing_peer_row_names_the_whole_install_line():
+    reason = missing_peer(Impl("torchopt", "torchopt"))
+    if all(importlib.util.find_spec(name) for name in PEERS["torchopt"]):
+        assert reason is None
+    else:
+        assert reason.endswith("(pip install --no-deps torchopt optree graphviz)")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from bilevel import checkpoints
-from bilevel.checkpoints import CheckpointError
+from bilevel.app import checkpoints
+from bilevel.app.checkpoints import CheckpointError
 
 CONFIG = {"ways": 5, "shots": 1, "inner_lr": 0.1}
 

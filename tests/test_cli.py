@@ -6,7 +6,7 @@ import bilevel
 
 def run(*args):
     return subprocess.run(
-        [sys.executable, "-m", "bilevel.cli", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "bilevel", *args], capture_output=True, text=True, timeout=120
     )
 
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bilevel import checkpoints
-from bilevel.experiments.fewshot import FewshotConfig
+from bilevel.app import checkpoints
+from bilevel.app.experiments.fewshot import FewshotConfig
 from tests.test_fewshot import DATA, in_process, needs_omniglot
 
 KEYS = sorted(FewshotConfig.model_fields) + ["no_such_key", "ways.sub", ""]

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import bilevel
-from bilevel.experiments.common import seed_everything
-from bilevel.experiments.config import ConfigError, resolve
-from bilevel.experiments.convergence import (
+from bilevel.app.experiments.common import seed_everything
+from bilevel.app.experiments.config import ConfigError, resolve
+from bilevel.app.experiments.convergence import (
     PRESETS,
     ConvergenceConfig,
     exact_solver,
@@ -44,7 +44,7 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("convergence")
     settings = [f"--set={key}={json.dumps(value)}" for key, value in TINY.items()]
     result = subprocess.run(
-        [sys.executable, "-m", "bilevel.cli", "convergence", "--preset", "quick", *settings]
+        [sys.executable, "-m", "bilevel", "convergence", "--preset", "quick", *settings]
         + ["--quiet", "--data-dir", str(DATA), "--out", str(out)],
         capture_output=True,
         text=True,

@@ -13,10 +13,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from bilevel import distributed
-from bilevel.experiments.fewshot import FewshotConfig
-from bilevel.experiments.fewshot.learners import episode_groups, per_episode_norm
-from bilevel.experiments.fewshot.train import TrainingError, build
+from bilevel.app import distributed
+from bilevel.app.experiments.fewshot import FewshotConfig
+from bilevel.app.experiments.fewshot.learners import episode_groups, per_episode_norm
+from bilevel.app.experiments.fewshot.train import TrainingError, build
 from tests.test_fewshot import DATA, TINY, in_process, metrics, needs_omniglot
 
 CONFIG = dict(width=0.125, train_classes=40, val_classes=20, meta_batch=4, learn_inner_lr=True)
@@ -95,7 +95,7 @@ def test_two_processes_give_the_one_process_gradient(tmp_path):
 def torchrun(*args, processes=2, timeout=180, extra=()):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}"]
-    command += [f"--master_port={distributed.free_port()}", *extra, "-m", "bilevel.cli"]
+    command += [f"--master_port={distributed.free_port()}", *extra, "-m", "bilevel"]
     return subprocess.Popen(
         [*command, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=env,

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bilevel import checkpoints, distributed
-from bilevel.experiments.fewshot.train import CHECKPOINT
+from bilevel.app import checkpoints, distributed
+from bilevel.app.experiments.fewshot.train import CHECKPOINT
 from tests.test_fewshot import TINY, in_process, metrics, needs_omniglot
 
 pytestmark = needs_omniglot
@@ -31,7 +31,7 @@ def uninterrupted(tmp_path_factory):
 
 
 def start(out, *extra):
-    command = [sys.executable, "-m", "bilevel.cli", "fewshot", "train", *SETTINGS, "--out", out]
+    command = [sys.executable, "-m", "bilevel", "fewshot", "train", *SETTINGS, "--out", out]
     return subprocess.Popen(
         [*map(str, command), *extra], stderr=subprocess.PIPE, text=True, env=ENV
     )
@@ -77,7 +77,7 @@ def test_torchrun_restarts_a_killed_worker_from_its_checkpoint(uninterrupted, tm
     out = tmp_path / "elastic"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
                "--max-restarts=1", f"--master_port={distributed.free_port()}",
-               "-m", "bilevel.cli", "fewshot", "train", *SETTINGS, "--out", out]  # fmt: skip
+               "-m", "bilevel", "fewshot", "train", *SETTINGS, "--out", out]  # fmt: skip
     agent = subprocess.Popen(
         [*map(str, command)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
     )

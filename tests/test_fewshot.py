@@ -14,11 +14,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from bilevel import checkpoints
-from bilevel.cli import main as cli
-from bilevel.data import Episodes
-from bilevel.experiments.fewshot import PRESETS, FewshotConfig
-from bilevel.experiments.fewshot.learners import (
+from bilevel.app import checkpoints
+from bilevel.app.cli import main as cli
+from bilevel.app.data import Episodes
+from bilevel.app.experiments.fewshot import PRESETS, FewshotConfig
+from bilevel.app.experiments.fewshot.learners import (
     Learner,
     _episode_features,
     evaluate,
@@ -49,7 +49,7 @@ needs_omniglot = pytest.mark.skipif(
 def bilevel(*args, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count, same float sums
     return subprocess.run(
-        [sys.executable, "-m", "bilevel.cli", *map(str, args)],
+        [sys.executable, "-m", "bilevel", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -145,7 +145,7 @@ def test_a_run_made_on_a_gpu_is_tested_here_with_device_cpu(trained, tmp_path):
 
 @needs_omniglot
 def test_compare_plots_the_validation_curves_of_runs(trained, tmp_path):
-    from bilevel.experiments.fewshot.compare import validation_curve
+    from bilevel.app.experiments.fewshot.compare import validation_curve
 
     curve = validation_curve(trained)
     val_lines = [x for x in metrics(trained) if x["kind"] == "val"]
@@ -213,7 +213,7 @@ def test_an_interrupted_run_resumes_with_the_same_numbers(trained, tmp_path):
     args = [*TINY, "--set", f"iterations={ITERATIONS}", "--set", "learn_inner_lr=true"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "bilevel.cli", "fewshot", "train", *args, "--out", str(out)],
+        [sys.executable, "-m", "bilevel", "fewshot", "train", *args, "--out", str(out)],
         stderr=subprocess.PIPE,
         text=True,
         env=env,

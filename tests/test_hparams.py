@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import bilevel
-from bilevel.experiments import hparams
-from bilevel.experiments.config import ConfigError, resolve
+from bilevel.app.experiments import hparams
+from bilevel.app.experiments.config import ConfigError, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("BILEVEL_DATA", ROOT.parent / "shared" / "data"))
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(
 
 def bilevel_cli(*args, timeout=300):
     return subprocess.run(
-        [sys.executable, "-m", "bilevel.cli", *map(str, args)],
+        [sys.executable, "-m", "bilevel", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.skipif(
 
 def bilevel(*args, timeout=600):
     return subprocess.run(
-        [sys.executable, "-m", "bilevel.cli", *map(str, args)],
+        [sys.executable, "-m", "bilevel", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -82,7 +82,7 @@ def test_interrupt_leaves_a_valid_partial_result(tmp_path):
         [
             sys.executable,
             "-m",
-            "bilevel.cli",
+            "bilevel",
             "hyperclean",
             "--preset",
             "quick",

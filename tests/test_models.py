@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bilevel import models
+from bilevel.app import models
 
 
 def count(module):

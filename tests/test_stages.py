@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bilevel import checkpoints, distributed
+from bilevel.app import checkpoints, distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("BILEVEL_DATA", ROOT.parent / "shared" / "data"))
@@ -40,7 +40,7 @@ def command(experiment: str, out: Path, *extra) -> list[str]:
 
 def start(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "bilevel.cli", *args], stderr=subprocess.PIPE, text=True, env=ENV
+        [sys.executable, "-m", "bilevel", *args], stderr=subprocess.PIPE, text=True, env=ENV
     )
 
 
@@ -126,7 +126,7 @@ def test_torchrun_deals_the_stages_to_two_processes_and_restarts_them_after_a_ki
     out = tmp_path / "two"
     agent = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
-         f"--master_port={distributed.free_port()}", "-m", "bilevel.cli",
+         f"--master_port={distributed.free_port()}", "-m", "bilevel",
          *command("hyperclean", out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
     )  # fmt: skip
@@ -184,7 +184,7 @@ def test_a_diverging_stage_stops_with_one_line_and_keeps_the_finished_stages(tmp
 def test_resume_without_an_output_directory_is_a_usage_error(experiment):
     from click.testing import CliRunner
 
-    from bilevel.cli import main
+    from bilevel.app.cli import main
 
     result = CliRunner().invoke(main, [experiment, "--preset", "quick", "--resume"])
     assert result.exit_code == 2 and "--resume needs --out" in result.output

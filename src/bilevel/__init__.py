@@ -5,7 +5,7 @@ result = bilevel.hypergradient(inner, outer, params, hparams,
 result.grads, result.params, result.value
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from importlib import metadata as _metadata
 
 from . import constraints
 from .check import CheckReport, check
@@ -26,8 +26,8 @@ from .problem import Problem, Result, hypergradient
 from .solve import solve
 
 try:
-    __version__ = version("bilevel")
-except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = _metadata.version("bilevel")
+except _metadata.PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
 __all__ = [

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bilevel.data.episodes import ClassSet, EpisodeSampler
+from bilevel.app.data.episodes import ClassSet, EpisodeSampler
 
 N_CLASSES, N_EXAMPLES, SIDE = 12, 20, 4
 

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bilevel.data import miniimagenet
-from bilevel.data.miniimagenet import load_miniimagenet, miniimagenet_dir, miniimagenet_split
-from bilevel.data.store import DataError
+from bilevel.app.data import miniimagenet
+from bilevel.app.data.miniimagenet import load_miniimagenet, miniimagenet_dir, miniimagenet_split
+from bilevel.app.data.store import DataError
 
 PER_CLASS = 8
 

@@ -13,9 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from bilevel.data import mnist
-from bilevel.data.mnist import FILES, IMAGES_MAGIC, LABELS_MAGIC, load_mnist, mnist_dir, read_idx
-from bilevel.data.store import DataError
+from bilevel.app.data import mnist
+from bilevel.app.data.mnist import (
+    FILES,
+    IMAGES_MAGIC,
+    LABELS_MAGIC,
+    load_mnist,
+    mnist_dir,
+    read_idx,
+)
+from bilevel.app.data.store import DataError
 
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]

@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bilevel.data import omniglot
-from bilevel.data.omniglot import (
+from bilevel.app.data import omniglot
+from bilevel.app.data.omniglot import (
     BACKGROUND,
     EVALUATION,
     load_omniglot,
     omniglot_dir,
     omniglot_split,
 )
-from bilevel.data.store import DataError
+from bilevel.app.data.store import DataError
 
 ZIPS = [f"{BACKGROUND}.zip", f"{EVALUATION}.zip"]
 

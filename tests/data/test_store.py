@@ -11,8 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from bilevel.data import store
-from bilevel.data.store import DataError, cache_root, data_root, download, ensure_file, sha256_file
+from bilevel.app.data import store
+from bilevel.app.data.store import (
+    DataError,
+    cache_root,
+    data_root,
+    download,
+    ensure_file,
+    sha256_file,
+)
 
 PAYLOAD = os.urandom(300_000)  # several chunks once the chunk size is shrunk below
 SHA = hashlib.sha256(PAYLOAD).hexdigest()

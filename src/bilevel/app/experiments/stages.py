@@ -14,7 +14,7 @@ the config and the data that returns a result. ``Session.map`` runs them:
   and the checkpoint (stage granularity: a rank's unfinished stage restarts from its beginning).
   Each stage computes what it would alone, so the results are those of one process.
 
-Checkpoints are ``bilevel.checkpoints`` files (atomic, sha256-verified), bound to the
+Checkpoints are ``bilevel.app.checkpoints`` files (atomic, sha256-verified), bound to the
 experiment and every setting that changes its numbers.
 """
 
@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from bilevel import BilevelError
+
 from .. import checkpoints, distributed
-from ..errors import BilevelError
 from ..runs import remove_partial_writes
 from .config import ExperimentConfig
 
@@ -102,7 +103,7 @@ class Session:
 
     experiment: str
     config: ExperimentConfig
-    run: object  # bilevel.runs.Run
+    run: object  # bilevel.app.runs.Run
     group: distributed.Group
     finished: dict[str, dict] = field(default_factory=dict)  # name -> result, lines
     current: dict | None = None  # the unfinished stage of a resumed run

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from bilevel import __version__
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,7 +24,7 @@ def methods() -> None:
     """List the hypergradient methods and their options."""
     import inspect
 
-    from .hypergrad import METHODS
+    from bilevel import METHODS
 
     for name, function in METHODS.items():
         options = [
@@ -101,8 +101,9 @@ def _resolve(experiment, preset, config_path, assignments, seed, device, presets
 
 def _execute(experiment, config, out, data_dir, quiet) -> None:
     """Run into `out`; expected failures are one line (exit 1), Ctrl-C exits 130."""
+    from bilevel import BilevelError
+
     from .distributed import env_rank
-    from .errors import BilevelError
     from .experiments import execute
 
     out = out or Path("runs") / f"{experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -381,7 +381,7 @@ def plot_curves(run, histories: dict[str, list[dict]]) -> None:
 
 
 def run_experiment(config: ConvergenceConfig, run, data_dir: Path | None, resume=None) -> None:
-    """Stages: one per horizon T, and the exact problem (bilevel.experiments.stages)."""
+    """Stages: one per horizon T, and the exact problem (bilevel.app.experiments.stages)."""
     with stages.session("convergence", config, run, resume) as session:
         _run_stages(session, run, data_dir)
 

@@ -13,7 +13,10 @@ from torch import Tensor
 
 Run = Callable[[], Tensor | None]  # one timed call; returns the flat hypergradient or None
 LOWER_BOUND = "lower-bound"
-PEERS = ("higher", "torchopt")
+# Each peer and what `import` of it needs beyond torch, numpy and typing-extensions (which
+# bilevel's own install brings): the distributions to `pip install --no-deps` so that pip keeps
+# your torch. torchopt imports optree, and graphviz in torchopt.visual, on `import torchopt`.
+PEERS = {"higher": ("higher",), "torchopt": ("torchopt", "optree", "graphviz")}
 
 
 @dataclass(frozen=True)
@@ -31,8 +34,11 @@ def missing_peer(impl: Impl) -> str | None:
     """Why the row cannot run here, or None."""
     if impl.skip:
         return impl.skip
-    if impl.needs and importlib.util.find_spec(impl.needs) is None:
-        return f"{impl.needs} not installed (pip install --no-deps {impl.needs})"
+    if impl.needs:
+        needed = PEERS[impl.needs]
+        missing = [name for name in needed if importlib.util.find_spec(name) is None]
+        if missing:
+            return f"{', '.join(missing)} not installed (pip install --no-deps {' '.join(needed)})"
     return None
 
 

@@ -12,7 +12,7 @@ torchrun restart) continues from it. A non-finite loss or hypergradient stops th
 the optimiser step, keeping the last good checkpoint.
 
 Under torchrun the episodes of each meta-batch are split over the processes and the gradients
-averaged (bilevel.distributed); only rank 0 writes files. See docs/distributed.md.
+averaged (bilevel.app.distributed); only rank 0 writes files. See docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bilevel import BilevelError, HypergradientError, InnerDivergenceError
+
 from ... import checkpoints, distributed
 from ...data import Episodes
-from ...errors import BilevelError, HypergradientError, InnerDivergenceError
 from ...runs import remove_partial_writes
 from ..common import seed_everything
 from .config import FewshotConfig

@@ -50,7 +50,7 @@ class ExperimentConfig(BaseModel):
 
 
 class StagedConfig(ExperimentConfig):
-    """Settings of an experiment run in stages (bilevel.experiments.stages)."""
+    """Settings of an experiment run in stages (bilevel.app.experiments.stages)."""
 
     checkpoint_every: int = Field(
         10, gt=0, description="hyper-iterations between checkpoints inside a stage"

@@ -18,7 +18,7 @@ class Experiment:
     summary: str
     config: type[ExperimentConfig]
     presets: dict[str, dict]
-    run: Callable  # (config, run: bilevel.runs.Run, data_dir) -> None
+    run: Callable  # (config, run: bilevel.app.runs.Run, data_dir) -> None
 
 
 def registry() -> dict[str, Experiment]:
@@ -39,7 +39,8 @@ def execute(experiment: Experiment, config: ExperimentConfig, out, data_dir, qui
     Ctrl-C leaves a valid partial result (status "interrupted"); an error leaves status
     "failed" and propagates. Nothing claims success unless the run completed.
     """
-    from .. import __version__
+    from bilevel import __version__
+
     from ..runs import Run
 
     resolved = {

@@ -13,7 +13,7 @@ Batch norm: in meta-training the network is in training mode and, by default
 their own statistics, in one forward pass of the meta-batch (:class:`EpisodeBatchNorm2d`); the
 running statistics take one update per iteration, by the mean of the episodes' statistics.
 No episode's features depend on another's, so a meta-batch split over processes gives the
-numbers of one process (bilevel.distributed). ``"meta-batch"`` normalises the whole meta-batch
+numbers of one process (bilevel.app.distributed). ``"meta-batch"`` normalises the whole meta-batch
 as one batch-norm batch (one process only). At meta-validation and meta-test
 (``test_batch_norm``) either each episode is normalised with the statistics of its own
 support+query images ("transductive", the default: what MAML and the paper's code did, and
@@ -237,7 +237,7 @@ def evaluate(
     order, continuing from the previous w_T: plain gradient descent has no other state.
     ``share=(rank, processes)``: every process draws every batch (the sampler's stream stays
     the same) and evaluates batches rank, rank + processes, ...; the others' entries are NaN,
-    to be filled in by the other processes (:func:`bilevel.distributed.Group.fill`).
+    to be filled in by the other processes (:func:`bilevel.app.distributed.Group.fill`).
     """
     rank, processes = share
     results: dict[int, list[np.ndarray]] = {t: [] for t in steps}

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import BilevelError
+from bilevel import BilevelError
+
 from .runs import atomic_write
 
 __all__ = ["AUTO_RESUME", "CheckpointError", "auto_resume", "config_hash", "load", "save"]

@@ -33,7 +33,7 @@ def plan(names: Iterable[str], mode: str, only: str | None = None):
 
 def run_child(spec: dict, timeout: float) -> dict:
     """Run one measurement in a fresh interpreter; a crash or timeout becomes a failed row."""
-    command = [sys.executable, "-m", "bilevel.bench.child", json.dumps(spec)]
+    command = [sys.executable, "-m", "bilevel.app.bench.child", json.dumps(spec)]
     began = time.perf_counter()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)

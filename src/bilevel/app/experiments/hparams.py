@@ -506,7 +506,7 @@ def plot_wall_time(run, curves, trials):
 
 
 def run_experiment(config: HparamsConfig, run, data_dir: Path | None, resume=None) -> None:
-    """Stages: one per mode, then random search in their time (bilevel.experiments.stages)."""
+    """Stages: one per mode, then random search in their time (bilevel.app.experiments.stages)."""
     with stages.session("hparams", config, run, resume) as session:
         _run_stages(session, run, data_dir)
 

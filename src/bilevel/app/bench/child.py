@@ -1,4 +1,4 @@
-"""One measurement in its own process: `python -m bilevel.bench.child '<json spec>'`.
+"""One measurement in its own process: `python -m bilevel.app.bench.child '<json spec>'`.
 
 The spec names workload, size, impl, mode, device and threads. The child builds the data, makes
 one warm-up call (lazy imports and one-time initialisation stay out of the baseline), takes the

@@ -18,7 +18,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..errors import BilevelError
+from bilevel import BilevelError
 
 __all__ = [
     "DataError",

@@ -16,4 +16,4 @@ MODULES = {
 def get(name: str):
     if name not in MODULES:
         raise ValueError(f"unknown workload {name!r}; choose from {', '.join(MODULES)}")
-    return importlib.import_module(f"bilevel.bench.{MODULES[name]}")
+    return importlib.import_module(f".{MODULES[name]}", __package__)

@@ -1,0 +1,5 @@
+"""`python -m bilevel.app.bench ...`: the same as `bilevel bench ...`."""
+
+from .cli import bench
+
+bench(prog_name="bilevel bench")

@@ -1,5 +1,0 @@
-"""`python -m bilevel.bench ...`: the same as `bilevel bench ...`."""
-
-from .cli import bench
-
-bench(prog_name="bilevel bench")

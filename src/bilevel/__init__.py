@@ -22,6 +22,7 @@ from .hypergrad import METHODS
 from .hypergrad.implicit import custom_argmin, custom_fixed_point, custom_root
 from .nn import functional
 from .outer import HyperOptimizer, RealTimeHyperOptimizer
+from .precision import Precision
 from .problem import Problem, Result, hypergradient
 from .solve import solve
 
@@ -40,6 +41,7 @@ __all__ = [
     "HypergradientError",
     "HypergradientWarning",
     "InnerDivergenceError",
+    "Precision",
     "Problem",
     "RealTimeHyperOptimizer",
     "SolverWarning",

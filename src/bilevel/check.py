@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .dynamics import Dynamics
 from .hypergrad.problem import RandomState, evaluate
+from .precision import Precision
 from .problem import Problem
 from .typing import Init, Objective
 
@@ -55,6 +56,7 @@ def check(
     directions: int | None = None,
     eps: float | None = None,
     seed: int = 0,
+    precision: Precision | str | torch.dtype | None = None,
     **options,
 ) -> CheckReport:
     """Compare `method`'s hypergradient with central finite differences of f_T.
@@ -64,11 +66,15 @@ def check(
     float32 limits the agreement to about 1e-3. For implicit methods the
     reference is still f_T, so let the inner problem converge (large `steps`). Every evaluation
     of f_T starts from the random state the method's run started from, so an inner model with
-    dropout is compared on the same masks.
+    dropout is compared on the same masks. With a `precision` ("bf16", "fp16") the method runs
+    under it and f_T in full precision (a lowered f_T moves in rounding steps that finite
+    differences cannot resolve), so the report holds the method's error plus the precision's.
     """
     lam = {k: v.detach() for k, v in hparams.items()}
     random = RandomState.capture([*lam.values()])
-    problem = Problem.create(inner, outer, params, hparams, dynamics, steps, method, options)
+    problem = Problem.create(
+        inner, outer, params, hparams, dynamics, steps, method, options, precision=precision
+    )
     result = problem.hypergradient(hparams)
     basis = _directions(lam, directions, seed)
     if eps is None:
@@ -76,7 +82,7 @@ def check(
         eps = 1e-6 if some.dtype == torch.float64 else 1e-2
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps!r}")
-    inner_problem = problem.inner
+    inner_problem = problem.inner.full_precision
 
     def f(shifted):  # the run and then the outer objective draw as in the method's run
         with random.restored():

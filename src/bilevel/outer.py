@@ -22,6 +22,7 @@ from . import validate
 from .constraints import project
 from .dynamics import Dynamics
 from .hypergrad import ForwardSolver
+from .precision import Precision
 from .problem import Problem, pull_back
 from .typing import Init, Objective
 
@@ -132,13 +133,14 @@ class HyperOptimizer(_OuterLoop):
         warm_start: bool = False,
         constraints: Mapping[str, Callable] | None = None,
         callbacks: Iterable[Callback] = (),
+        precision: Precision | str | torch.dtype | None = None,
         **options,
     ):
         super().__init__(hparams, optimizer, constraints, callbacks)
         if warm_start and callable(params):
             raise ValueError("warm_start=True needs params as a dict, not a callable of hparams")
         self.problem = Problem.create(
-            inner, outer, params, hparams, dynamics, steps, method, options
+            inner, outer, params, hparams, dynamics, steps, method, options, precision=precision
         )  # validated once, here
         self.warm_start = warm_start
         self.last = None
@@ -187,10 +189,13 @@ class RealTimeHyperOptimizer(_OuterLoop):
         constraints: Mapping[str, Callable] | None = None,
         callbacks: Iterable[Callback] = (),
         vectorize: bool = True,
+        precision: Precision | str | torch.dtype | None = None,
     ):
         super().__init__(hparams, optimizer, constraints, callbacks)
         self.every = validate.steps(every)
-        problem = Problem.create(inner, outer, params, hparams, dynamics, every, "forward")
+        problem = Problem.create(
+            inner, outer, params, hparams, dynamics, every, "forward", precision=precision
+        )
         self.outer = outer
         self.solver = ForwardSolver(problem.inner, params, hparams, vectorize=vectorize)
 

@@ -24,6 +24,8 @@ from .dynamics import Dynamics
 from .errors import HypergradientError, HypergradientWarning
 from .hypergrad import METHODS
 from .hypergrad.problem import InnerProblem, evaluate, with_step
+from .precision import Precision, check_hypergradient
+from .precision import resolve as resolve_precision
 from .typing import Hparams, Init, Method, Objective, Params, Solution
 
 
@@ -89,6 +91,7 @@ class Problem:
         options: Mapping[str, object] | None = None,
         *,
         require_grad: bool = True,
+        precision: Precision | str | torch.dtype | None = None,
     ) -> Problem:
         """Check every argument once; raise an error that names the one at fault.
 
@@ -102,6 +105,8 @@ class Problem:
             steps: T >= 1.
             method: a name of `bilevel.METHODS`; options: its keyword options.
             require_grad: every hyperparameter must require grad (False for `solve`).
+            precision: None (full precision), "bf16", "fp16" or a bilevel.Precision: the inner
+                objective under torch.autocast, the state in float32 (bilevel.precision).
         Returns:
             The Problem.
         """
@@ -125,10 +130,9 @@ class Problem:
         validate.options(method, METHODS[method], options)
         start = _initial_params(params, hparams)
         validate.same_kind(start, hparams)
-        keys = tuple(start)
-        return cls(
-            InnerProblem(with_step(inner), dynamics, keys), outer, params, steps, method, options
-        )
+        precision = resolve_precision(precision, start, hparams)
+        inner_problem = InnerProblem(with_step(inner), dynamics, tuple(start), precision)
+        return cls(inner_problem, outer, params, steps, method, options)
 
     @property
     def run(self) -> Method:
@@ -177,6 +181,8 @@ def hypergradient(
     dynamics: Dynamics,
     steps: int,
     method: str = "reverse",
+    *,
+    precision: Precision | str | torch.dtype | None = None,
     **options,
 ) -> Result:
     """The hypergradient of f_T(lambda) = outer(w_T, lambda) by the chosen method.
@@ -195,11 +201,16 @@ def hypergradient(
         steps: T, the number of inner steps.
         method: one of bilevel.METHODS ("reverse", "truncated", "forward", "implicit-cg",
             "implicit-neumann", "fixed-point"); `bilevel methods` lists their options.
+        precision: None (everything in the tensors' dtype), "bf16", "fp16" or a
+            bilevel.Precision: the inner objective under torch.autocast; parameters, the
+            optimiser's state and the hypergradient in float32 (params must be float32).
         **options: the method's options (memory=..., k=..., iterations=...).
     Returns:
         A Result: grads, params (w_T), value (f_T), info.
     """
-    problem = Problem.create(inner, outer, params, hparams, dynamics, steps, method, options)
+    problem = Problem.create(
+        inner, outer, params, hparams, dynamics, steps, method, options, precision=precision
+    )
     return problem.hypergradient(hparams)
 
 
@@ -255,7 +266,7 @@ def pull_back(outer: Objective, solution, lam: Mapping[str, Tensor]):
     pulled, _ = solution.vjp(adjoint)
     direct_lam = direct[len(w_T) :]
     grads = {k: pulled[k] + validate.zeros_if_none(g, lam[k]) for k, g in zip(lam, direct_lam)}
-    validate.finite("hypergradient", grads, HypergradientError)
+    check_hypergradient(grads, getattr(getattr(solution, "problem", None), "precision", None))
     _warn_unused(outer, solution, lam, grads)
     return outer_value, grads
 

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import validate
 from .dynamics import Dynamics
-from .errors import HypergradientError
+from .precision import Precision, check_hypergradient
 from .problem import Problem
 from .typing import Hparams, Init, Objective
 
@@ -27,17 +27,21 @@ def solve(
     dynamics: Dynamics,
     steps: int,
     method: str = "reverse",
+    *,
+    precision: Precision | str | torch.dtype | None = None,
     **options,
 ) -> dict[str, Tensor]:
     """w_T after `steps` inner steps, differentiable with respect to hparams (and w_0).
 
     Hyperparameters that do not require grad are constants; when nothing
     requires grad (say, under torch.no_grad() at meta-test time) the inner run
-    keeps no graph and stores nothing.
+    keeps no graph and stores nothing. `precision` ("bf16", "fp16", a bilevel.Precision)
+    runs the inner objective under autocast, as in `bilevel.hypergradient`.
     """
     problem = Problem.create(
-        inner, None, params, hparams, dynamics, steps, method, options, require_grad=False
-    )
+        inner, None, params, hparams, dynamics, steps, method, options, require_grad=False,
+        precision=precision,
+    )  # fmt: skip
     keys, names = list(problem.inner.keys), list(hparams)
     start = [] if callable(params) else [params[k] for k in keys]
     tracked = [t for t in (*start, *hparams.values()) if t.requires_grad]
@@ -78,7 +82,8 @@ class _Solve(torch.autograd.Function):
         adjoint = {k: validate.zeros_if_none(c, params[k]) for k, c in zip(ctx.keys, cotangents)}
         n = ctx.n_init  # w_0 tensors come first among the inputs, after the spec
         grads, init_grads = ctx.solution.vjp(adjoint, initial=any(ctx.needs_input_grad[1 : n + 1]))
+        precision = ctx.solution.problem.precision
         ctx.solution = None  # release the stored trajectory or graph
-        validate.finite("hypergradient", grads, HypergradientError)
+        check_hypergradient(grads, precision)
         init = [None] * n if init_grads is None else [init_grads[k] for k in ctx.keys[:n]]
         return (None, *init, *(grads[k] for k in ctx.names))

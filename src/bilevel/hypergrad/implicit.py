@@ -200,7 +200,7 @@ def fixed_point(
     names = tuple(hparams)
 
     def optimality(z, lam):  # F = Phi_T(z) - z
-        z_next, _ = problem.step(z, dict(zip(names, lam)), steps)
+        z_next, _ = problem.full_precision.step(z, dict(zip(names, lam)), steps)
         return tuple(a - b for a, b in zip(z_next, z))
 
     return _at_the_end(problem, init, hparams, steps, optimality, solve, whole_state=True)
@@ -213,7 +213,7 @@ def _stationarity(problem: InnerProblem, hparams: Mapping[str, Tensor], steps: i
     def optimality(w, lam):
         hparams = dict(zip(names, lam))
         params = dict(zip(problem.keys, w))
-        _, grads = problem.gradients(params, hparams, steps, create_graph=True)
+        _, grads = problem.full_precision.gradients(params, hparams, steps, create_graph=True)
         g = problem.dynamics.stationarity(params, grads, hparams)
         return tuple(g[k] for k in problem.keys)
 

@@ -11,13 +11,14 @@ import inspect
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from ..dynamics import Dynamics, Params
 from ..errors import InnerDivergenceError
+from ..precision import Precision, autocast, flag_overflow, overflow_error
 
 Objective = Callable[[Params, Mapping[str, Tensor]], Tensor]
 Flat = tuple[Tensor, ...]
@@ -29,12 +30,20 @@ class InnerProblem:
     """An inner objective L(w, lambda, t) optimised by `dynamics` over parameters named `keys`.
 
     `inner` here always takes the step number t (1..T) as a third argument, so that
-    minibatch objectives can pick their batch by t (see `with_step`).
+    minibatch objectives can pick their batch by t (see `with_step`). With a `precision`, the
+    objective runs under autocast and everything else in float32 (bilevel.precision).
     """
 
     inner: Callable[[Params, Mapping[str, Tensor], int], Tensor]
     dynamics: Dynamics
     keys: tuple[str, ...]
+    precision: Precision | None = None
+
+    @property
+    def full_precision(self) -> InnerProblem:
+        """This problem without autocast: for the implicit system at w_T, formed once, whose
+        solve would amplify a lowered precision's error by its condition number."""
+        return self if self.precision is None else replace(self, precision=None)
 
     # -- layout of the flat state -------------------------------------------------
     def pack(self, params: Params, state) -> Flat:
@@ -66,16 +75,27 @@ class InnerProblem:
 
     # -- one step -------------------------------------------------------------------
     def gradients(self, params: Params, hparams, t: int, create_graph: bool):
-        """L and dL/dw by autograd; parameters the objective ignores get zeros."""
+        """L and dL/dw by autograd; parameters the objective ignores get zeros. Under a
+        precision, L is reported as NaN where dL/dw overflowed (see `flag_overflow`)."""
+        loss, grads = self._gradients(params, hparams, t, create_graph)
+        return (loss if self.precision is None else flag_overflow(loss, grads)), grads
+
+    def _gradients(self, params: Params, hparams, t: int, create_graph: bool):
+        values = [params[k] for k in self.keys]
         with torch.enable_grad():
-            loss = evaluate("inner", self.inner, params, hparams, t)
+            with autocast(self.precision, values):
+                loss = evaluate("inner", self.inner, params, hparams, t)
             if not loss.requires_grad:
                 raise ValueError(
                     "the inner objective does not depend on params (its value has no autograd "
                     "graph): did it detach, or go through .item() or numpy?"
                 )
-            values = [params[k] for k in self.keys]
-            grads = torch.autograd.grad(loss, values, create_graph=create_graph, allow_unused=True)
+            if self.precision is None:
+                grads = torch.autograd.grad(
+                    loss, values, create_graph=create_graph, allow_unused=True
+                )
+            else:  # float32 loss, scaled and unscaled
+                loss, grads = self.precision.gradients(loss, values, create_graph)
         grads = {
             k: torch.zeros_like(v) if g is None else g for k, v, g in zip(self.keys, values, grads)
         }
@@ -140,19 +160,30 @@ class InnerProblem:
     def diagnose(self, z: Flat, hparams, first: int, count: int, random: RandomState):
         """Why a run from z went non-finite: replays it (same random draws), checking the loss,
         the gradient and the new state of every step, and returns the error that says which
-        failed first. Only called after a failure, so its cost does not matter."""
+        failed first (naming the precision where the step is finite in float32). Only called
+        after a failure, so its cost does not matter."""
         hparams, losses = detach(hparams), []  # |loss| so far: has the run blown up?
         with random.restored():
             for t in range(first, first + count):
                 params, state = self.unpack(z)
                 leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-                loss, grads = self.gradients(leaves, hparams, t, create_graph=False)
+                drawn = RandomState.capture(z)  # this step's draws, to recompute it in float32
+                loss, grads = self._gradients(leaves, hparams, t, create_graph=False)
                 value = float(loss.detach())
                 losses += [abs(value)] if math.isfinite(value) else []
                 grew = bool(losses) and max(losses) > 1e6 * (losses[0] + 1.0)
+                finite = math.isfinite(value) and all(
+                    bool(torch.isfinite(g).all()) for g in grads.values()
+                )
+                if not finite and self.precision is not None:
+                    with drawn.restored():
+                        full = self.full_precision._gradients(leaves, hparams, t, False)
+                    blame = overflow_error(self.precision, t, (value, grads), full)
+                    if blame is not None:
+                        return blame
                 if not math.isfinite(value):
                     return _objective_error(value, t, grew, params)
-                if not all(bool(torch.isfinite(g).all()) for g in grads.values()):
+                if not finite:
                     return _gradient_error(value, t, grew, grads)
                 with torch.no_grad():
                     new_params, new_state = self.dynamics.step(params, state, grads, hparams, t)

@@ -203,7 +203,8 @@ def test_solve_check_and_outer_loops_take_precision():
         assert torch.allclose(tensor.grad, expected.grads[key], rtol=1e-6, atol=1e-9)
 
     report = bilevel.check(mlp.inner, mlp.outer, mlp.w0, hparams, dynamics, STEPS, precision="bf16")
-    assert report.relative_error < 0.05, str(report)  # f_T itself is rounded to bf16 steps
+    # finite differences of f_T in float32: the report holds bf16's error (2.7e-3 measured)
+    assert report.relative_error < BF16_TOLERANCE, str(report)
 
     for loop in (
         bilevel.HyperOptimizer(
@@ -276,12 +277,13 @@ def test_float16_activation_overflow_names_the_precision():
 
 
 def test_an_overflow_that_the_dynamics_would_hide_is_still_caught():
-    """Clipped gradient descent turns an infinite gradient into a finite step: the run's state
-    stays finite, and only the flag on the step's loss reveals the overflow."""
+    """A dynamics that sanitises its gradient (nan_to_num, then a clamp) turns an overflowed one
+    into a finite step: the run's state stays finite, and only the flag on the step's loss
+    reveals the overflow."""
     inner, outer, params, hparams, _, steps = _linear(1e3)
 
     def clipped_step(params, state, grads, hparams, t):
-        return {k: params[k] - 1e-6 * grads[k].clamp(-1.0, 1.0) for k in params}, state
+        return {k: params[k] - 1e-6 * grads[k].nan_to_num().clamp(-1.0, 1.0) for k in params}, state
 
     clipped = bilevel.Dynamics("clipped", init=lambda params: (), step=clipped_step, lr=1e-6)
     with pytest.raises(bilevel.InnerDivergenceError, match=r"precision fp16"):

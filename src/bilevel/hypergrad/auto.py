@@ -14,15 +14,21 @@ decision in `Result.info["auto"]`. What is measured, on w_0:
     r  the bytes of the random generators' state stored with each segment start (replays)
     m  the number of scalar hyperparameters; T the number of steps
 
-and the estimates, each times an allocator factor (live tensors are not all a process holds:
-glibc's heap grew 1.33x the saved bytes of a kept graph here, CUDA's caching allocator rounds
-blocks up):
+and the estimates of the peak, fitted on an H200, where CUDA's allocator counts every byte (its
+peak allocated over the estimate: 1.00-1.11 for reverse mode's three policies, 0.83-1.00 for
+forward mode at m = 1 and 16):
 
-    reverse, segments of k steps   floor((T-1)/k)·(s + r) + (k + 1)·g
+    reverse, segments of k steps   floor((T-1)/k)·(s + r) + (k + 2.5)·g
+        the stored segment starts, the last segment's graph (kept) or a replayed one, and the
+        backward pass's own gradients through a step (1.5 g);
         k = T is memory="graph", k = 1 "trajectory", else "checkpoint" with checkpoint_every=k
     forward (vectorize=True)       2·m·s (tangents in and out) + m²·itemsize (the basis)
-                                   + (m + 2)·g (the step's graph, J^T u's, m batched copies)
-    forward (vectorize=False)      2·m·s + m²·itemsize + 3·g
+                                   + 2.5·(m + 1)·g (the step's graphs, batched over m)
+    forward (vectorize=False)      2·m·s + m²·itemsize + 6·g
+
+each times ALLOCATOR_FACTOR: what the process holds is more than what its tensors need (CUDA's
+caching allocator reserved up to 1.35x the estimate; glibc's resident memory was 0.9-1.1x with
+large tensors, but up to 2.8x for a small model's trajectory, its heap fragmented).
 
 The rule, by speed (docs/benchmarks.md: graph ≈ 1.9x plain inner training, replaying reverse
 ≈ 2.8-3.1x, forward ≈ 2.1·(m+1)x vectorized and 3.3·(m+1)x in turn):
@@ -57,10 +63,12 @@ from .problem import Flat, Init, InnerProblem, RandomState, leaves
 from .reverse import reverse
 
 MAX_FORWARD_HPARAMS = 16
+BACKWARD_WORK = 1.5  # step graphs' worth of gradients a backward pass through a step holds
+FORWARD_GRAPHS = (2.5, 6.0)  # step graphs' worth forward mode holds: per m+1 vectorized, in turn
+ALLOCATOR_FACTOR = 1.5  # what a process holds per byte its tensors need (module docstring)
 SAVED_TENSOR_OVERHEAD = 2048  # bytes a kept step holds per saved tensor beyond its data
 BUDGET_FRACTION = 0.5  # of the memory free now, when no memory_budget is given
 FALLBACK_BUDGET = 2 * 2**30  # bytes, where free memory cannot be read (not Linux, not CUDA)
-ALLOCATOR_FACTOR = {"cpu": 1.5, "cuda": 1.25}  # others: the CPU's
 RUNNERS = {"reverse": reverse, "forward": forward}
 
 
@@ -83,7 +91,7 @@ def auto(
     """
     decision = choose(problem, init, hparams, steps, memory_budget=memory_budget)
     solution = RUNNERS[decision["method"]](problem, init, hparams, steps, **decision["options"])
-    solution.info["auto"] = copy.deepcopy(decision)
+    solution.info = {**getattr(solution, "info", {}), "auto": copy.deepcopy(decision)}
     return solution
 
 
@@ -123,17 +131,19 @@ def choose(
     budget_given = _budget_argument(memory_budget)
     sizes = measure(problem, init, hparams, steps)
     device = _device(problem, init, hparams)
-    budget, source = (budget_given, "given") if budget_given else default_budget(device)
-    factor = ALLOCATOR_FACTOR.get(device.type, ALLOCATOR_FACTOR["cpu"])
-    reverse_bytes = factor * segment_bytes(sizes, np.arange(1, steps + 1))
+    if budget_given is None:
+        budget, source = default_budget(device)
+    else:
+        budget, source = budget_given, "given"
+    reverse_bytes = ALLOCATOR_FACTOR * segment_bytes(sizes, np.arange(1, steps + 1))
     fits = np.flatnonzero(reverse_bytes <= budget)
     every = int(fits[-1]) + 1 if fits.size else int(np.argmin(reverse_bytes)) + 1
     estimates = {
         "graph": float(reverse_bytes[-1]),
         "trajectory": float(reverse_bytes[0]),
         "checkpoint": float(reverse_bytes[every - 1]),
-        "forward": factor * forward_bytes(sizes, vectorize=True),
-        "forward-loop": factor * forward_bytes(sizes, vectorize=False),
+        "forward": ALLOCATOR_FACTOR * forward_bytes(sizes, vectorize=True),
+        "forward-loop": ALLOCATOR_FACTOR * forward_bytes(sizes, vectorize=False),
     }
     method, options, reason = _pick(sizes, estimates, every, fits.size > 0, budget, init)
     return {
@@ -145,7 +155,7 @@ def choose(
         "estimates": estimates,
         "checkpoint_every": every,
         "sizes": asdict(sizes),
-        "allocator_factor": factor,
+        "allocator_factor": ALLOCATOR_FACTOR,
     }
 
 
@@ -172,7 +182,9 @@ def _pick(sizes: Sizes, estimates, every: int, reverse_fits: bool, budget: float
             )
             return "forward", {"vectorize": vectorize}, reason
     if refusal is None:
-        forward_note = f"forward mode needs {_mib(estimates['forward-loop'])}"
+        forward_note = (
+            f"forward mode needs {_mib(min(estimates['forward'], estimates['forward-loop']))}"
+        )
     else:
         forward_note = f"forward mode is not an option ({refusal})"
     raise ValueError(
@@ -211,13 +223,15 @@ def _forward_refused(m: int, init: Init) -> str | None:
 def segment_bytes(sizes: Sizes, every):
     """Reverse mode's estimate for segments of `every` steps (an int or an array of them)."""
     stored = (sizes.steps - 1) // every  # segment starts kept, the last segment's excepted
-    return stored * (sizes.state + sizes.random_state) + (every + 1) * sizes.per_step
+    kept = (every + 1 + BACKWARD_WORK) * sizes.per_step
+    return stored * (sizes.state + sizes.random_state) + kept
 
 
 def forward_bytes(sizes: Sizes, vectorize: bool) -> float:
     """Forward mode's estimate: tangents, the basis, and one step's graphs."""
     m, g = sizes.hparams, sizes.per_step
-    graphs = (m + 2) * g if vectorize else 3 * g
+    per_hparam, in_turn = FORWARD_GRAPHS
+    graphs = per_hparam * (m + 1) * g if vectorize else in_turn * g
     return float(2 * m * sizes.state + m * m * sizes.itemsize + graphs)
 
 

@@ -9,6 +9,7 @@ so a mistake is reported once, where the problem is described, and never again p
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -23,6 +24,7 @@ from . import validate
 from .dynamics import Dynamics
 from .errors import HypergradientError, HypergradientWarning
 from .hypergrad import METHODS
+from .hypergrad.auto import choose
 from .hypergrad.problem import InnerProblem, evaluate, with_step
 from .typing import Hparams, Init, Method, Objective, Params, Solution
 
@@ -67,6 +69,7 @@ class Problem:
         outer: E(w, lambda), or None for a plain differentiable solve (`bilevel.solve`).
         init: w_0, or Phi_0(hparams) for a learned initialisation.
         steps: T; method: its name; options: its keyword options.
+        auto: what method="auto" measured and chose (reported in Result.info["auto"]), or None.
     """
 
     inner: InnerProblem
@@ -75,6 +78,7 @@ class Problem:
     steps: int
     method: str
     options: Mapping[str, object]
+    auto: Mapping[str, object] | None = None
 
     @classmethod
     def create(
@@ -100,7 +104,8 @@ class Problem:
                 shapes are checked, so later calls may pass other values).
             dynamics: the inner optimiser, e.g. `bilevel.sgd(lr=0.1)`.
             steps: T >= 1.
-            method: a name of `bilevel.METHODS`; options: its keyword options.
+            method: a name of `bilevel.METHODS`; options: its keyword options. "auto"
+                (option memory_budget) is resolved here into the fastest exact method that fits.
             require_grad: every hyperparameter must require grad (False for `solve`).
         Returns:
             The Problem.
@@ -125,10 +130,12 @@ class Problem:
         validate.options(method, METHODS[method], options)
         start = _initial_params(params, hparams)
         validate.same_kind(start, hparams)
-        keys = tuple(start)
-        return cls(
-            InnerProblem(with_step(inner), dynamics, keys), outer, params, steps, method, options
-        )
+        problem = InnerProblem(with_step(inner), dynamics, tuple(start))
+        decision = None
+        if method == "auto":  # resolved once, here: a Problem holds a concrete method
+            decision = choose(problem, params, hparams, steps, **options)
+            method, options = decision["method"], dict(decision["options"])
+        return cls(problem, outer, params, steps, method, options, decision)
 
     @property
     def run(self) -> Method:
@@ -156,9 +163,12 @@ class Problem:
             value=value,
             method=self.method,
             seconds=time.perf_counter() - began,
-            info=dict(getattr(solution, "info", {})),
+            info={**getattr(solution, "info", {}), **self._auto_info()},
             hparams=dict(hparams),
         )
+
+    def _auto_info(self) -> dict:
+        return {} if self.auto is None else {"auto": copy.deepcopy(dict(self.auto))}
 
     def with_params(self, params: Params) -> Problem:
         """The same problem from another w_0 (a warm start): same keys, no re-validation."""
@@ -194,8 +204,9 @@ def hypergradient(
             callables of the hyperparameters.
         steps: T, the number of inner steps.
         method: one of bilevel.METHODS ("reverse", "truncated", "forward", "implicit-cg",
-            "implicit-neumann", "fixed-point"); `bilevel methods` lists their options.
-        **options: the method's options (memory=..., k=..., iterations=...).
+            "implicit-neumann", "fixed-point", or "auto": the fastest exact one whose memory
+            fits memory_budget, see Result.info["auto"]); `bilevel methods` lists their options.
+        **options: the method's options (memory=..., k=..., iterations=..., memory_budget=...).
     Returns:
         A Result: grads, params (w_T), value (f_T), info.
     """

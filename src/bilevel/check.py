@@ -95,8 +95,9 @@ def check(
         plus = f({k: lam[k] + eps * v[k] for k in lam})
         minus = f({k: lam[k] - eps * v[k] for k in lam})
         numeric.append((plus - minus) / (2 * eps))
+    chosen = problem.method if method != "auto" else f"auto ({problem.method})"
     return CheckReport(
-        method,
+        chosen,
         torch.tensor(analytic, dtype=torch.float64),
         torch.tensor(numeric, dtype=torch.float64),
         eps,

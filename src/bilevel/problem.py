@@ -163,7 +163,7 @@ class Problem:
             value=value,
             method=self.method,
             seconds=time.perf_counter() - began,
-            info={**getattr(solution, "info", {}), **self._auto_info()},
+            info={**solution.info, **self._auto_info()},
             hparams=dict(hparams),
         )
 

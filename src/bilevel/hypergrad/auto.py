@@ -91,7 +91,7 @@ def auto(
     """
     decision = choose(problem, init, hparams, steps, memory_budget=memory_budget)
     solution = RUNNERS[decision["method"]](problem, init, hparams, steps, **decision["options"])
-    solution.info = {**getattr(solution, "info", {}), "auto": copy.deepcopy(decision)}
+    solution.info = {**solution.info, "auto": copy.deepcopy(decision)}
     return solution
 
 

@@ -5,7 +5,7 @@ What it shows
     examples with trusted labels. Every training example gets its own weight in the training
     loss of a softmax regression; the 500 weights are hyperparameters, tuned by
     `bilevel.HyperOptimizer` on the loss of the trusted examples (hypergradient by reverse mode
-    through 100 steps of gradient descent) and kept in [0, 1] by `bilevel.constraints.Box`.
+    through 100 steps of heavy-ball descent) and kept in [0, 1] by `bilevel.constraints.Box`.
     The examples with wrong labels pull the model away from the trusted ones, so their
     weights go to zero. It prints how many of the corrupted examples end up with a low weight
     (< 0.5) and how many clean ones do, and the accuracy on a clean test set before (all

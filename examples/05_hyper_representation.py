@@ -1,18 +1,17 @@
 """A hyper-representation for your own few-shot data: shared features, per-episode linear heads.
 
 What it shows
-    Synthetic 5-way 5-shot episodes: each class is a point of a hidden 5-dimensional space,
-    seen through a fixed nonlinear map and buried among 32 dimensions of loud nuisance. A
-    small network (the representation, shared by every episode) maps inputs to 16 features;
-    in each episode a linear head on those features is trained on the 25 support examples by
-    20 steps of gradient descent (the inner problem), and the network is meta-trained with
-    Adam on the query loss of the trained heads. The heads come from `bilevel.solve`, whose
-    hyperparameters are the support features themselves: outputs of the network, not leaves,
-    so `loss.backward()` on the query loss passes the hypergradient on into the network's
-    weights (Franceschi et al., 2018, section 4). Eight episodes are solved together (the
-    heads carry a leading episode dimension). It prints the query accuracy on 300 held-out
-    episodes with the network before and after meta-training, and with heads on the raw
-    inputs.
+    Synthetic 5-way 5-shot episodes: each class is a point of a hidden 5-dimensional space, seen
+    through a fixed nonlinear map and buried among 32 dimensions of loud nuisance. A small
+    network (the representation, shared by every episode) maps inputs to 16 features; in each
+    episode a linear head on those features is trained on the 25 support examples by 20 steps of
+    gradient descent (the inner problem), and the network is meta-trained with Adam on the query
+    loss of the trained heads. The heads come from `bilevel.solve`, whose hyperparameters are
+    the support features themselves: outputs of the network, not leaves, so `loss.backward()` on
+    the query loss passes the hypergradient on into the network's weights (the
+    hyper-representation of Franceschi et al., ICML 2018). Eight episodes are solved together
+    (the heads carry a leading episode dimension). It prints the query accuracy on 300 held-out
+    episodes with the network before and after meta-training, and with heads on the raw inputs.
 
 Cost (measured on 2 CPU cores shared with other jobs, load 3 to 6; PyTorch 2.13)
     `time python examples/05_hyper_representation.py`: 13-22 s (400 meta-iterations); with
@@ -20,9 +19,9 @@ Cost (measured on 2 CPU cores shared with other jobs, load 3 to 6; PyTorch 2.13)
 
 To adapt it
     Replace `sample_episodes` by your episode sampler and `Representation` by your network
-    (a convolutional one for images); nothing else changes. More inner steps or an implicit
-    method (`method="implicit-cg"`: the head's problem is convex) give heads closer to their
-    optimum at the same memory.
+    (a convolutional one for images); nothing else changes. More inner steps give heads closer
+    to their optimum; with many, `method="implicit-cg"` in `fit_heads` (the heads' problem is
+    strongly convex) keeps the memory of a single step.
 """
 
 import argparse
@@ -112,6 +111,8 @@ def main(quick: bool) -> None:
     torch.manual_seed(0)
     network = Representation()
     held_out = sample_episodes(torch.Generator().manual_seed(2), 300)
+    # the baseline: heads on the inputs themselves, scaled by 1/sqrt(dimension) so that the
+    # heads' learning rate suits them too
     raw = query_accuracy(lambda x: x / math.sqrt(x.shape[-1]), held_out)
     before = query_accuracy(network, held_out)
 

@@ -52,8 +52,8 @@ def central_differences(f, lam: torch.Tensor, eps: float = 1e-5) -> torch.Tensor
 def report(name: str, analytic: torch.Tensor, numeric: torch.Tensor) -> None:
     error = float((analytic - numeric).norm() / numeric.norm())
     print(f"{name}")
-    print(f"  hypergradient:       {analytic.tolist()}")
-    print(f"  finite differences:  {numeric.tolist()}")
+    print("  hypergradient:      " + " ".join(f"{v:+.6e}" for v in analytic.tolist()))
+    print("  finite differences: " + " ".join(f"{v:+.6e}" for v in numeric.tolist()))
     print(f"  {name}: relative error {error:.2e}")
 
 

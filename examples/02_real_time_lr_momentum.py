@@ -13,7 +13,7 @@ What it shows
     fixed.
 
 Cost (measured on 2 CPU cores shared with other jobs, load 3 to 6; PyTorch 2.13)
-    `time python examples/02_real_time_lr_momentum.py`: 4-8 s (600 inner steps); with `--quick`
+    `time python examples/02_real_time_lr_momentum.py`: 4-9 s (600 inner steps); with `--quick`
     (200 steps): 5-8 s. Starting Python and torch is 2-5 s of that.
 
 To adapt it

@@ -18,7 +18,7 @@ What it shows
     lambda +- eps along each coordinate) and their relative error.
 
 Cost (measured on 2 CPU cores shared with other jobs, load 3 to 6; PyTorch 2.13)
-    `time python examples/06_implicit_custom_solvers.py`: 5-11 s (8 features); with `--quick` (4
+    `time python examples/06_implicit_custom_solvers.py`: 4-11 s (8 features); with `--quick` (4
     features): 5-10 s. Starting Python and torch is 2-5 s of that.
 
 To adapt it

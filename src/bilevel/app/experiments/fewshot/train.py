@@ -322,8 +322,8 @@ def run_training(config: FewshotConfig, run, data_dir, mode: str, resume: Resume
 
 
 def _train(config, run, data_dir, mode: str, resume: Resume | None, group) -> None:
-    if resume is None and checkpoints.auto_resume() and (run.out / CHECKPOINT).is_file():
-        resume = prepare_resume(config, run.out, mode)
+    # resume: read before the run's files were opened (--resume, or BILEVEL_RESUME=auto and
+    # torchrun restarts: bilevel.app.cli)
     if group.main:
         remove_partial_writes(run.out)
     trainer = build(config, data_dir, mode, run.log, group, fresh=resume is None)

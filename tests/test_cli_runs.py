@@ -4,13 +4,14 @@ In process (click's CliRunner) on a tiny hyper-cleaning run: each test takes sec
 """
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import matplotlib
 import pytest
 
-from bilevel.app import checkpoints
+from bilevel.app import checkpoints, runs
 from bilevel.app.experiments.fewshot import FewshotConfig
 from tests.test_fewshot import DATA, in_process
 
@@ -138,3 +139,45 @@ def test_a_failed_run_records_why_in_its_summary_and_log(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["error"] == message
     assert f"failed: {message}" in (out / "run.log").read_text()
+
+
+def umask_modes(write) -> dict[int, int]:
+    """The mode of the file ``write(path)`` creates, under each of three umasks."""
+    modes = {}
+    for umask in (0o022, 0o077, 0o002):
+        previous = os.umask(umask)
+        try:
+            path = write(umask)
+        finally:
+            os.umask(previous)
+        modes[umask] = path.stat().st_mode & 0o777
+    return modes
+
+
+def test_written_files_respect_the_umask(tmp_path):
+    import matplotlib.pyplot as plt
+
+    def text(umask):
+        runs.atomic_write(tmp_path / f"summary-{umask:o}.json", "{}")
+        return tmp_path / f"summary-{umask:o}.json"
+
+    def figure(umask):
+        return runs.save_figure(plt.figure(), tmp_path / f"plot-{umask:o}.png")
+
+    def checkpoint(umask):
+        checkpoints.save(tmp_path / f"c-{umask:o}.pt", {"x": 1}, {})
+        return tmp_path / f"c-{umask:o}.pt"
+
+    expected = {umask: 0o666 & ~umask for umask in (0o022, 0o077, 0o002)}
+    for write in (text, figure, checkpoint):
+        assert umask_modes(write) == expected, write.__name__
+    assert (tmp_path / "plot-22.png").read_bytes()[:4] == b"\x89PNG"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no leftovers
+
+
+@needs_mnist
+def test_every_file_of_a_run_is_readable_as_the_umask_allows(finished):
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in finished.iterdir()}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)

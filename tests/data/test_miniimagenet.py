@@ -142,6 +142,18 @@ def test_changed_file_rebuilds_its_part_and_drops_the_old_cache(subset, monkeypa
     assert len(list(cache.glob("test-*.npy"))) == len(list(cache.glob("train-*.npy"))) == 1
 
 
+def test_the_cache_is_written_whole_with_the_mode_the_umask_gives(subset):
+    previous = os.umask(0o027)  # a group that may read, others nothing
+    try:
+        data = _load(subset, workers=2)
+    finally:
+        os.umask(previous)
+    cache = subset.parent / "cache"
+    modes = {p.name: p.stat().st_mode & 0o777 for p in cache.iterdir()}
+    assert len(modes) == 4 and set(modes.values()) == {0o640}, modes  # .npy and .json per part
+    assert data.images["test"].shape == (20, PER_CLASS, 84, 84, 3)
+
+
 def test_val_absent_holds_out_16_seeded_train_classes(subset):
     data = _load(subset)
     assert "absent" in data.note

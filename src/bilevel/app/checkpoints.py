@@ -20,7 +20,7 @@ import torch
 
 from bilevel import BilevelError
 
-from .runs import atomic_write
+from .files import atomic_write
 
 __all__ = ["AUTO_RESUME", "CheckpointError", "auto_resume", "config_hash", "load", "save"]
 

@@ -14,31 +14,26 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
 from tqdm import tqdm
 
+from .files import atomic_write, remove_partial_writes, write_atomic
+
+__all__ = [
+    "Run",
+    "atomic_write",
+    "clear_run",
+    "previous_run",
+    "remove_partial_writes",
+    "save_figure",
+    "to_json",
+]
+
 RESULTS = ("config.json", "metrics.jsonl", "summary.json", "run.log")  # every run writes these
 CHECKPOINTS = ("checkpoint.pt", "best.pt")  # what a run continues from, or is tested from
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write `data` to `path` so that `path` is either the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode() if isinstance(data, str) else data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def save_figure(figure, path: Path) -> Path:
@@ -46,23 +41,16 @@ def save_figure(figure, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
     try:
-        figure.savefig(temporary, dpi=120, bbox_inches="tight")
-        os.replace(temporary, path)
+        write_atomic(
+            path,
+            lambda temporary: figure.savefig(
+                temporary, format=path.suffix.lstrip(".") or None, dpi=120, bbox_inches="tight"
+            ),
+        )
     finally:
-        Path(temporary).unlink(missing_ok=True)
         plt.close(figure)
     return path
-
-
-def remove_partial_writes(out: Path) -> None:
-    """The temporary files of ``atomic_write`` calls that a killed process left in ``out`` (the
-    files they were to replace are whole)."""
-    for partial in Path(out).glob(".*.tmp"):
-        partial.unlink(missing_ok=True)
 
 
 def to_json(value) -> str:

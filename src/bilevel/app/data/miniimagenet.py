@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, JpegImagePlugin  # noqa: F401  (imported before any fork)
 
-from .cache import evict_stale, pool_map, resolve_workers, save_atomic
+from ..files import atomic_write, write_atomic
+from .cache import evict_stale, pool_map, resolve_workers
 from .episodes import ClassSet
 from .store import DataError, cache_root, data_root, ensure_file
 
@@ -233,7 +234,7 @@ def _build_cache(
         for n in pool_map(_decode_class, [(tmp, *task) for task in tasks], workers):
             counter.add(n)
 
-    save_atomic(stem.with_suffix(".npy"), decode)
+    write_atomic(stem.with_suffix(".npy"), decode)
     source = str(folder.resolve())
     index = {
         "version": CACHE_VERSION,
@@ -241,7 +242,7 @@ def _build_cache(
         "shape": list(shape),
         "wnids": list(listing),
     }
-    save_atomic(stem.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(index)))
+    atomic_write(stem.with_suffix(".json"), json.dumps(index))
     evict_stale(stem, source)
     return np.load(stem.with_suffix(".npy"), mmap_mode="r")
 

@@ -35,8 +35,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin  # noqa: F401  (imported before any fork)
 
+from ..files import atomic_write, write_atomic
 from . import store
-from .cache import evict_stale, pool_map, resolve_workers, save_atomic
+from .cache import evict_stale, pool_map, resolve_workers
 from .episodes import ClassSet
 from .store import DataError, cache_root, data_root, ensure_file
 
@@ -378,10 +379,15 @@ def _build_cache(
             for c in chars
         ],
     }
-    save_atomic(stem.with_suffix(".npy"), lambda tmp: np.save(tmp, images))
-    save_atomic(stem.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(index)))
+    write_atomic(stem.with_suffix(".npy"), lambda tmp: _save_array(tmp, images))
+    atomic_write(stem.with_suffix(".json"), json.dumps(index))
     evict_stale(stem, source)
     return np.load(stem.with_suffix(".npy"), mmap_mode="r"), index["classes"]
+
+
+def _save_array(path: Path, images: np.ndarray) -> None:
+    with open(path, "wb") as handle:  # a handle: given a name, np.save would add ".npy" to it
+        np.save(handle, images)
 
 
 def _chunks(chars: list[_Character]) -> list[tuple[int, int]]:

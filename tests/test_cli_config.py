@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+from bilevel.app.experiments.config import resolve
+from bilevel.app.experiments.fewshot import TEST, FewshotConfig
 from tests.test_cli_runs import one_line
 from tests.test_fewshot import in_process
 
@@ -80,3 +82,16 @@ def test_a_runs_config_json_reproduces_its_config(command, tmp_path, monkeypatch
     saved = json.loads((out / "config.json").read_text())
     assert show(*command, "--config", out / "config.json") == saved["config"]
     assert show(*command, "--config", out / "config.json", "--seed", "4")["seed"] == 4
+
+
+def test_fewshot_test_checks_ways_against_the_test_classes(tmp_path):
+    trained = FewshotConfig().model_dump()  # Omniglot, paper split: 4800 / 400 / 1292 classes
+    config = resolve(TEST.config, {"run": trained}, "run", None, ["ways=1000"])
+    assert config.ways == 1000  # more than the 400 validation classes, which a test never uses
+    (tmp_path / "config.json").write_text(
+        json.dumps({"experiment": "fewshot-train", "config": trained})
+    )
+    line = one_line(in_process("fewshot", "test", tmp_path, "--set", "ways=1500"), 2)
+    assert "ways=1500 exceeds the 1292 test classes available" in line
+    refused = one_line(in_process("fewshot", "train", "--set", "ways=1000", "--show-config"), 2)
+    assert "ways=1000 exceeds the 400 val classes available" in refused  # training validates

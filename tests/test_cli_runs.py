@@ -181,3 +181,17 @@ def test_every_file_of_a_run_is_readable_as_the_umask_allows(finished):
     os.umask(umask)
     modes = {p.name: p.stat().st_mode & 0o777 for p in finished.iterdir()}
     assert modes == dict.fromkeys(modes, 0o666 & ~umask)
+
+
+def test_a_mistyped_data_dir_is_named_and_not_created(tmp_path, monkeypatch):
+    from bilevel.app.data import mnist
+
+    monkeypatch.setattr(mnist, "MIRRORS", ("http://127.0.0.1:9/",))  # nothing listens there
+    typo = tmp_path / "shared" / "dta"
+    out = tmp_path / "out"
+    result = hyperclean("--data-dir", typo, "--out", out)  # the last --data-dir counts
+    line = one_line(result, code=1)
+    assert line.startswith(f"data directory {typo} does not exist")
+    assert "train-images-idx3-ubyte.gz is missing" in line and "could not download" not in line
+    assert not typo.exists() and not typo.parent.exists()
+    assert json.loads((out / "summary.json").read_text())["error"] == line

@@ -216,6 +216,20 @@ def test_missing_part_and_bad_arguments(subset):
         _load(subset)
 
 
+def test_missing_data_gives_the_layout_and_where_it_comes_from(tmp_path):
+    with pytest.raises(DataError) as info:
+        load_miniimagenet(tmp_path, cache_dir=tmp_path / "cache")
+    message = str(info.value)
+    directory = tmp_path / "miniimagenet"
+    assert f"{directory / 'train'} and {directory / 'test'} are missing" in message
+    assert "train/<wnid>/*.jpg" in message and "splits/ravi/{train,val,test}.csv" in message
+    assert "ImageNet" in message and "docs/experiments.md" in message and "\n" not in message
+    typo = tmp_path / "typo"
+    with pytest.raises(DataError, match=f"data directory {typo} does not exist"):
+        load_miniimagenet(typo, cache_dir=tmp_path / "cache")
+    assert not typo.exists() and not (tmp_path / "cache").exists()
+
+
 def test_csv_with_another_checksum_is_refused(subset, monkeypatch):
     monkeypatch.setitem(miniimagenet.RAVI_SHA256, "train", "0" * 64)
     with pytest.raises(DataError, match="train.csv is corrupt"):

@@ -457,12 +457,21 @@ def _summarise(trainer: Trainer, run) -> None:
     budget_spent = p["iteration"] >= trainer.config.iterations
     run.update(
         iterations=p["iteration"],
-        best_val_accuracy=p["best_accuracy"],
-        best_val_ci95=p["best_ci95"],
-        best_iteration=p["best_iteration"],
+        **best_so_far(p),
         stopped=p["stopped"] or ("budget" if budget_spent else None),  # None: may resume
         inner_lr=trainer.learner.inner_lr(),
     )
+
+
+def best_so_far(progress: dict) -> dict:
+    """The best validation so far as summary.json reports it: null before the first one."""
+    if progress["best_accuracy"] < 0:  # the -1 that any validation accuracy beats
+        return dict.fromkeys(("best_val_accuracy", "best_val_ci95", "best_iteration"))
+    return {
+        "best_val_accuracy": progress["best_accuracy"],
+        "best_val_ci95": progress["best_ci95"],
+        "best_iteration": progress["best_iteration"],
+    }
 
 
 @contextmanager

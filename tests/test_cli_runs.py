@@ -104,6 +104,15 @@ def test_a_new_run_into_a_finished_run_is_refused_unless_overwrite(copy):
 
 
 @needs_mnist
+def test_a_worker_that_torchrun_restarts_resumes_despite_overwrite(copy, monkeypatch):
+    # its first attempt replaced the old run; the restart must continue the new one
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    result = hyperclean("--out", copy, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert "resumed: 2 stages finished" in (copy / "run.log").read_text()
+
+
+@needs_mnist
 def test_an_unfinished_run_without_a_checkpoint_may_be_started_again(copy):
     # what a run killed before its first checkpoint leaves: nothing a new run would lose
     (copy / "checkpoint.pt").unlink()

@@ -175,6 +175,7 @@ def _experiment_command(experiment, name: str | None = None, prepare=None) -> cl
         resume,
         overwrite,
     ):
+        from .checkpoints import restarted
         from .experiments import stages, with_inputs
 
         config = _resolve(experiment, preset, config_path, assignments, seed, device)
@@ -182,6 +183,7 @@ def _experiment_command(experiment, name: str | None = None, prepare=None) -> cl
             _show(config)
             return
         read = prepare or (lambda config, out: stages.prepare_resume(experiment.name, config, out))
+        overwrite = overwrite and not restarted()  # the first attempt replaced the old run
         state = _read_checkpoint(resume, overwrite, out, lambda out: read(config, out))
         runner = with_inputs(experiment, resume=state)
         resuming = state is not None

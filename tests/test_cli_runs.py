@@ -134,6 +134,9 @@ def test_a_second_test_of_a_run_is_refused_unless_overwrite(tmp_path):
         "to replace it, add --overwrite"
     )
     assert [p.name for p in (source / "test").iterdir()] == ["summary.json"]
+    into_itself = in_process("fewshot", "test", source, "--out", source, "--overwrite")
+    assert into_itself.exit_code == 2 and "is the trained run" in into_itself.output
+    assert (source / "config.json").is_file()
 
 
 @needs_mnist

@@ -251,6 +251,8 @@ def _fewshot_test(experiment) -> click.Command:
         config = _resolve(experiment, "run", None, assignments, None, device, {"run": trained})
         runner = with_inputs(experiment, source=source, mode=mode)
         out = out or source / "test"
+        if Path(out).resolve() == Path(source).resolve():  # --overwrite would delete the network
+            raise click.UsageError(f"--out {out} is the trained run: test into another directory")
         _execute(runner, config, out, data_dir, quiet, overwrite=overwrite, resumable=False)
 
     return command

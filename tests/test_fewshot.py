@@ -264,6 +264,21 @@ def test_early_stopping_after_patience_validations_without_improvement(tmp_path)
 
 
 @needs_omniglot
+def test_a_run_stopped_before_its_first_validation_reports_no_best_yet(tmp_path):
+    out = train(tmp_path / "short", "--set", "iterations=2")  # validates every 10
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iterations"] == 2 and summary["stopped"] == "budget"
+    best = ("best_val_accuracy", "best_val_ci95", "best_iteration")
+    assert [summary[k] for k in best] == [None, None, None]  # null, not placeholders
+    result = in_process("fewshot", "test", out, "--data-dir", DATA, "--quiet",
+                        "--set", "test_episodes=20", "--set", "test_steps=[5]",
+                        "--set", "test_classes=20")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    tested = json.loads((out / "test" / "summary.json").read_text())
+    assert tested["best_val_accuracy"] is None and tested["checkpoint"].endswith("checkpoint.pt")
+
+
+@needs_omniglot
 def test_classical_baseline_trains_and_tests(tmp_path):
     out = train(tmp_path / "classical", "--set", "iterations=10", command="classical")
     summary = json.loads((out / "summary.json").read_text())

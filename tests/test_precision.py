@@ -46,6 +46,7 @@ CASES = [
     ("truncated", {"k": 10}),
     ("forward", {}),
     ("implicit-cg", {"iterations": 200, "tolerance": 1e-7}),
+    ("auto", {}),  # chooses among the above, measuring steps under the precision
 ]
 NEAR_MINIMUM = {"steps": 300, "faster": 4.0}  # where the implicit estimates mean something
 IMPLICIT = [

@@ -9,13 +9,28 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
-def test_readme_example_runs():
-    (example,) = re.findall(r"```python\n(.*?)```", README, re.S)
+def run_example(number: int) -> str:
+    examples = re.findall(r"```python\n(.*?)```", README, re.S)
+    assert len(examples) == 2
     run = subprocess.run(
-        [sys.executable, "-c", example], capture_output=True, text=True, timeout=300, cwd=ROOT
+        [sys.executable, "-c", examples[number]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
     )
     assert run.returncode == 0, run.stderr
-    assert "relative error" in run.stdout
+    return run.stdout
+
+
+def test_readme_example_runs():
+    assert "relative error" in run_example(0)
+
+
+def test_readme_solver_example_agrees_with_finite_differences():
+    implicit, numeric = map(float, re.findall(r"[-+]?\d\.\d+e[-+]\d+", run_example(1)))
+    assert abs(implicit) > 1e-4
+    assert abs(implicit - numeric) < 1e-6 * abs(implicit)
 
 
 def test_ci_runs_the_readme_test_command():

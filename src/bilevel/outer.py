@@ -117,7 +117,18 @@ class _OuterLoop:
 
 
 class HyperOptimizer(_OuterLoop):
-    """Hyper-iterations: inner run of `steps`, hypergradient by `method`, outer step."""
+    """Hyper-iterations: inner run of `steps`, hypergradient by `method`, outer step.
+
+    Args:
+        inner, outer, params, hparams, dynamics, steps, method, **options: the problem, as for
+            `bilevel.hypergradient` (validated once, here); hparams must be leaves.
+        optimizer: any torch.optim optimiser over `hparams.values()`.
+        warm_start: start each inner run from the last w_T (params must be a dict).
+        constraints: {name: projection} applied after every outer step (bilevel.constraints).
+        callbacks: called with each iteration's metrics dict.
+    `step()` runs one hyper-iteration and returns its metrics (outer_loss, hypergradient_norm,
+    seconds, the method's info); `run(n)` runs n; `last` is the last Result.
+    """
 
     def __init__(
         self,
@@ -174,7 +185,12 @@ class HyperOptimizer(_OuterLoop):
 
 
 class RealTimeHyperOptimizer(_OuterLoop):
-    """Real-time forward mode: one inner run, an outer update every `every` inner steps."""
+    """Real-time forward mode: one inner run, an outer update every `every` inner steps.
+
+    Args: as for HyperOptimizer, with `every` (inner steps between outer updates) in place of
+    `steps` and method; `vectorize` as forward mode's option. `step()` advances the inner run
+    by `every` steps, updates the hyperparameters from the tangents and returns the metrics.
+    """
 
     def __init__(
         self,

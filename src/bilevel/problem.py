@@ -9,6 +9,7 @@ so a mistake is reported once, where the problem is described, and never again p
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -23,6 +24,7 @@ from . import validate
 from .dynamics import Dynamics
 from .errors import HypergradientError, HypergradientWarning
 from .hypergrad import METHODS
+from .hypergrad.auto import choose
 from .hypergrad.problem import InnerProblem, evaluate, with_step
 from .precision import Precision, check_hypergradient
 from .precision import resolve as resolve_precision
@@ -69,6 +71,7 @@ class Problem:
         outer: E(w, lambda), or None for a plain differentiable solve (`bilevel.solve`).
         init: w_0, or Phi_0(hparams) for a learned initialisation.
         steps: T; method: its name; options: its keyword options.
+        auto: what method="auto" measured and chose (reported in Result.info["auto"]), or None.
     """
 
     inner: InnerProblem
@@ -77,6 +80,7 @@ class Problem:
     steps: int
     method: str
     options: Mapping[str, object]
+    auto: Mapping[str, object] | None = None
 
     @classmethod
     def create(
@@ -103,7 +107,8 @@ class Problem:
                 shapes are checked, so later calls may pass other values).
             dynamics: the inner optimiser, e.g. `bilevel.sgd(lr=0.1)`.
             steps: T >= 1.
-            method: a name of `bilevel.METHODS`; options: its keyword options.
+            method: a name of `bilevel.METHODS`; options: its keyword options. "auto"
+                (option memory_budget) is resolved here into the fastest exact method that fits.
             require_grad: every hyperparameter must require grad (False for `solve`).
             precision: None (full precision), "bf16", "fp16" or a bilevel.Precision: the inner
                 objective under torch.autocast, the state in float32 (bilevel.precision).
@@ -131,8 +136,12 @@ class Problem:
         start = _initial_params(params, hparams)
         validate.same_kind(start, hparams)
         precision = resolve_precision(precision, start, hparams)
-        inner_problem = InnerProblem(with_step(inner), dynamics, tuple(start), precision)
-        return cls(inner_problem, outer, params, steps, method, options)
+        problem = InnerProblem(with_step(inner), dynamics, tuple(start), precision)
+        decision = None
+        if method == "auto":  # resolved once, here: a Problem holds a concrete method
+            decision = choose(problem, params, hparams, steps, **options)
+            method, options = decision["method"], dict(decision["options"])
+        return cls(problem, outer, params, steps, method, options, decision)
 
     @property
     def run(self) -> Method:
@@ -160,9 +169,12 @@ class Problem:
             value=value,
             method=self.method,
             seconds=time.perf_counter() - began,
-            info=dict(getattr(solution, "info", {})),
+            info={**solution.info, **self._auto_info()},
             hparams=dict(hparams),
         )
+
+    def _auto_info(self) -> dict:
+        return {} if self.auto is None else {"auto": copy.deepcopy(dict(self.auto))}
 
     def with_params(self, params: Params) -> Problem:
         """The same problem from another w_0 (a warm start): same keys, no re-validation."""
@@ -200,11 +212,12 @@ def hypergradient(
             callables of the hyperparameters.
         steps: T, the number of inner steps.
         method: one of bilevel.METHODS ("reverse", "truncated", "forward", "implicit-cg",
-            "implicit-neumann", "fixed-point"); `bilevel methods` lists their options.
+            "implicit-neumann", "fixed-point", or "auto": the fastest exact one whose memory
+            fits memory_budget, see Result.info["auto"]); `bilevel methods` lists their options.
         precision: None (everything in the tensors' dtype), "bf16", "fp16" or a
             bilevel.Precision: the inner objective under torch.autocast; parameters, the
             optimiser's state and the hypergradient in float32 (params must be float32).
-        **options: the method's options (memory=..., k=..., iterations=...).
+        **options: the method's options (memory=..., k=..., iterations=..., memory_budget=...).
     Returns:
         A Result: grads, params (w_T), value (f_T), info.
     """

@@ -33,10 +33,21 @@ def solve(
 ) -> dict[str, Tensor]:
     """w_T after `steps` inner steps, differentiable with respect to hparams (and w_0).
 
-    Hyperparameters that do not require grad are constants; when nothing
-    requires grad (say, under torch.no_grad() at meta-test time) the inner run
-    keeps no graph and stores nothing. `precision` ("bf16", "fp16", a bilevel.Precision)
-    runs the inner objective under autocast, as in `bilevel.hypergradient`.
+    Args:
+        inner: L(params, hparams[, step]) -> scalar tensor (see `bilevel.hypergradient`).
+        params: w_0 as a dict of tensors (those that require grad get a gradient too), or a
+            callable hparams -> w_0.
+        hparams: dict of tensors; those that require grad (leaves or computed by an upstream
+            graph) receive gradients, the others are constants. May be empty.
+        dynamics: the inner optimiser; steps: T; method and **options: as in
+            `bilevel.hypergradient` (forward mode cannot differentiate w_0).
+        precision: None, "bf16", "fp16" or a bilevel.Precision: the inner objective under
+            torch.autocast, as in `bilevel.hypergradient`.
+    Returns:
+        w_T as a dict of tensors, a node of the autograd graph: `.backward()` on anything
+        computed from it pulls back by `method` into hparams and w_0. When nothing requires
+        grad (say, under torch.no_grad() at meta-test time) the inner run keeps no graph and
+        stores nothing.
     """
     problem = Problem.create(
         inner, None, params, hparams, dynamics, steps, method, options, require_grad=False,

@@ -142,6 +142,18 @@ def test_changed_file_rebuilds_its_part_and_drops_the_old_cache(subset, monkeypa
     assert len(list(cache.glob("test-*.npy"))) == len(list(cache.glob("train-*.npy"))) == 1
 
 
+def test_the_cache_is_written_whole_with_the_mode_the_umask_gives(subset):
+    previous = os.umask(0o027)  # a group that may read, others nothing
+    try:
+        data = _load(subset, workers=2)
+    finally:
+        os.umask(previous)
+    cache = subset.parent / "cache"
+    modes = {p.name: p.stat().st_mode & 0o777 for p in cache.iterdir()}
+    assert len(modes) == 4 and set(modes.values()) == {0o640}, modes  # .npy and .json per part
+    assert data.images["test"].shape == (20, PER_CLASS, 84, 84, 3)
+
+
 def test_val_absent_holds_out_16_seeded_train_classes(subset):
     data = _load(subset)
     assert "absent" in data.note
@@ -202,6 +214,20 @@ def test_missing_part_and_bad_arguments(subset):
     shutil.rmtree(subset / "test")
     with pytest.raises(DataError, match="test is missing"):
         _load(subset)
+
+
+def test_missing_data_gives_the_layout_and_where_it_comes_from(tmp_path):
+    with pytest.raises(DataError) as info:
+        load_miniimagenet(tmp_path, cache_dir=tmp_path / "cache")
+    message = str(info.value)
+    directory = tmp_path / "miniimagenet"
+    assert f"{directory / 'train'} and {directory / 'test'} are missing" in message
+    assert "train/<wnid>/*.jpg" in message and "splits/ravi/{train,val,test}.csv" in message
+    assert "ImageNet" in message and "docs/experiments.md" in message and "\n" not in message
+    typo = tmp_path / "typo"
+    with pytest.raises(DataError, match=f"data directory {typo} does not exist"):
+        load_miniimagenet(typo, cache_dir=tmp_path / "cache")
+    assert not typo.exists() and not (tmp_path / "cache").exists()
 
 
 def test_csv_with_another_checksum_is_refused(subset, monkeypatch):

@@ -97,6 +97,33 @@ def test_missing_files_without_download(tmp_path):
     assert str(tmp_path / "mnist") in str(info.value)
 
 
+def test_a_data_directory_that_does_not_exist_is_named_not_created(tmp_path, monkeypatch):
+    monkeypatch.setattr(mnist, "MIRRORS", ("http://127.0.0.1:9/",))  # nothing listens there
+    monkeypatch.delenv("BILEVEL_OFFLINE", raising=False)
+    typo = tmp_path / "dta"
+    with pytest.raises(DataError) as info:
+        load_mnist(typo)
+    message = str(info.value)
+    assert message.startswith(f"data directory {typo} does not exist")
+    assert all(name in message for name in NAMES) and "could not download" not in message
+    monkeypatch.setenv("BILEVEL_DATA", str(typo))  # the same for the environment's directory
+    with pytest.raises(DataError, match=f"data directory {typo} does not exist"):
+        load_mnist()
+    assert not typo.exists()
+
+
+def test_every_missing_file_is_named_with_where_it_comes_from(tmp_path, monkeypatch):
+    monkeypatch.setenv("BILEVEL_OFFLINE", "1")
+    (tmp_path / "mnist").mkdir()
+    shutil.copy(_source_dir() / NAMES[1], tmp_path / "mnist")
+    with pytest.raises(DataError) as info:
+        load_mnist(tmp_path)
+    message = str(info.value)
+    assert "\n" not in message and "downloading is disabled (BILEVEL_OFFLINE is set)" in message
+    assert [name in message for name in NAMES] == [True, False, True, True]
+    assert mnist.MIRRORS[0] in message and str(tmp_path / "mnist") in message
+
+
 def _idx(path: Path, magic: int, dims, body: bytes) -> Path:
     path.write_bytes(gzip.compress(struct.pack(f">I{len(dims)}I", magic, *dims) + body))
     return path

@@ -172,6 +172,20 @@ def test_missing_zip_without_download(tmp_path):
         load_omniglot(tmp_path, download=False)
 
 
+def test_missing_zips_are_all_named_with_where_they_come_from(tmp_path, monkeypatch):
+    monkeypatch.setenv("BILEVEL_OFFLINE", "1")
+    with pytest.raises(DataError) as info:
+        load_omniglot(tmp_path)
+    message = str(info.value)
+    assert all(name in message for name in ZIPS) and omniglot.MIRRORS[0] in message
+    assert str(tmp_path / "omniglot") in message
+    typo = tmp_path / "typo"
+    monkeypatch.delenv("BILEVEL_OFFLINE")
+    with pytest.raises(DataError, match=f"data directory {typo} does not exist"):
+        load_omniglot(typo, cache_dir=tmp_path / "cache")
+    assert not typo.exists()
+
+
 def test_download_is_pinned_to_the_canonical_zip(source, tmp_path, monkeypatch):
     # A local mirror: urllib reads file:// URLs like any other.
     monkeypatch.setattr(omniglot, "MIRRORS", (source.as_uri() + "/",))

@@ -20,9 +20,17 @@ import torch
 
 from bilevel import BilevelError
 
-from .runs import atomic_write
+from .files import atomic_write
 
-__all__ = ["AUTO_RESUME", "CheckpointError", "auto_resume", "config_hash", "load", "save"]
+__all__ = [
+    "AUTO_RESUME",
+    "CheckpointError",
+    "auto_resume",
+    "config_hash",
+    "load",
+    "restarted",
+    "save",
+]
 
 MAGIC = b"bilevel-checkpoint v1\n"
 AUTO_RESUME = "BILEVEL_RESUME"  # =auto: a run resumes from its output directory's checkpoint
@@ -99,4 +107,9 @@ def auto_resume() -> bool:
     a worker that torchrun restarted (``--max-restarts``) after a failure."""
     if os.environ.get(AUTO_RESUME, "").lower() in ("auto", "1", "true", "yes"):
         return True
+    return restarted()
+
+
+def restarted() -> bool:
+    """Whether this process is a worker that torchrun restarted after a failure."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0

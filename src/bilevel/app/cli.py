@@ -36,6 +36,13 @@ def methods() -> None:
         click.echo(f"{name:18s} {summary}\n{'':18s} options: {', '.join(options) or 'none'}")
 
 
+_OVERWRITE = click.option(
+    "--overwrite",
+    is_flag=True,
+    help="replace the run already in --out (its results, log and checkpoints are deleted first)",
+)
+
+
 def _experiment_options(presets):
     """The options every experiment command takes (one decorator for all of them)."""
     options = [
@@ -99,23 +106,46 @@ def _resolve(experiment, preset, config_path, assignments, seed, device, presets
         raise click.UsageError(str(error)) from None
 
 
-def _execute(experiment, config, out, data_dir, quiet) -> None:
-    """Run into `out`; expected failures are one line (exit 1), Ctrl-C exits 130."""
-    from bilevel import BilevelError
-
+def _execute(
+    experiment, config, out, data_dir, quiet, *, resuming=False, overwrite=False, resumable=True
+):
+    """Run into `out`; expected failures are one line (exit 1), Ctrl-C exits 130. A new run
+    (not ``resuming``) does not replace a run already in `out` unless ``overwrite``; the refusal
+    offers --resume where the command has it (``resumable``)."""
     from .distributed import env_rank
-    from .experiments import execute
+    from .experiments import EXPECTED, execute
 
     out = out or Path("runs") / f"{experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not resuming and env_rank() == 0:  # under torchrun, rank 0 writes: it alone checks
+        _claim(out, overwrite, resumable)
     try:
         status = execute(experiment, config, out, data_dir, quiet)
-    except (BilevelError, PermissionError) as error:  # expected failures: one line, exit 1
+    except EXPECTED as error:  # expected failures: one line, exit 1
         raise click.ClickException(str(error)) from None
     if status == "interrupted":
         click.echo(f"interrupted: a partial result is in {out} (summary.json says so)", err=True)
         sys.exit(130)
     if env_rank() == 0:  # under torchrun, one line for all the processes
         click.echo(f"completed: results in {out}", err=True)
+
+
+def _claim(out: Path, overwrite: bool, resumable: bool) -> None:
+    """Make `out` the directory of a new run: refuse one that holds a completed or checkpointed
+    run, unless --overwrite, which deletes that run's files first (nothing else in `out`)."""
+    from .runs import clear_run, previous_run
+
+    found = previous_run(out)
+    if found is None:
+        return
+    if overwrite:
+        clear_run(out)
+        return
+    keep = (
+        "continue it with --resume or choose another --out" if resumable else "choose another --out"
+    )
+    raise click.ClickException(
+        f"--out {out} already holds {found}: {keep}; to replace it, add --overwrite"
+    )
 
 
 def _show(config) -> None:
@@ -131,9 +161,21 @@ def _experiment_command(experiment, name: str | None = None, prepare=None) -> cl
     @click.command(name or experiment.name, help=experiment.summary)
     @_experiment_options(experiment.presets)
     @click.option("--resume", is_flag=True, help="continue the run in --out from its checkpoint")
+    @_OVERWRITE
     def command(
-        preset, config_path, assignments, seed, device, out, data_dir, quiet, show_config, resume
+        preset,
+        config_path,
+        assignments,
+        seed,
+        device,
+        out,
+        data_dir,
+        quiet,
+        show_config,
+        resume,
+        overwrite,
     ):
+        from .checkpoints import restarted
         from .experiments import stages, with_inputs
 
         config = _resolve(experiment, preset, config_path, assignments, seed, device)
@@ -141,24 +183,41 @@ def _experiment_command(experiment, name: str | None = None, prepare=None) -> cl
             _show(config)
             return
         read = prepare or (lambda config, out: stages.prepare_resume(experiment.name, config, out))
-        state = _read_checkpoint(resume, out, lambda out: read(config, out))
-        _execute(with_inputs(experiment, resume=state), config, out, data_dir, quiet)
+        overwrite = overwrite and not restarted()  # the first attempt replaced the old run
+        state = _read_checkpoint(resume, overwrite, out, lambda out: read(config, out))
+        runner = with_inputs(experiment, resume=state)
+        resuming = state is not None
+        _execute(runner, config, out, data_dir, quiet, resuming=resuming, overwrite=overwrite)
 
     return command
 
 
-def _read_checkpoint(resume: bool, out, read):
-    """The verified checkpoint of --out, ``read(out)``, when --resume is given (one-line errors
-    otherwise)."""
-    from .checkpoints import CheckpointError
+def _read_checkpoint(resume: bool, overwrite: bool, out, read):
+    """The verified checkpoint of --out, ``read(out)``, that the run continues from: with
+    --resume, or with ``BILEVEL_RESUME=auto`` (or a torchrun restart) when there is one. Read
+    before any file of the run is opened: a checkpoint that cannot be used is one line (exit 1)
+    and leaves the run as it was."""
+    from .checkpoints import AUTO_RESUME, CheckpointError, auto_resume
+    from .experiments.stages import CHECKPOINT
 
-    if not resume:
-        return None
-    if out is None:
+    if resume and overwrite:
+        raise click.UsageError(
+            "--resume and --overwrite exclude each other: --resume continues the run in --out, "
+            "--overwrite replaces it"
+        )
+    if resume and out is None:
         raise click.UsageError("--resume needs --out, the directory of the run")
+    automatic = not resume and not overwrite and out is not None and auto_resume()
+    if not resume and not (automatic and (Path(out) / CHECKPOINT).is_file()):
+        return None
     try:
         return read(out)
     except CheckpointError as error:
+        if automatic:
+            raise click.ClickException(
+                f"{error} ({AUTO_RESUME}=auto resumes only the configuration that wrote it: "
+                "choose another --out, or add --overwrite to replace the run)"
+            ) from None
         raise click.ClickException(str(error)) from None
 
 
@@ -178,7 +237,8 @@ def _fewshot_test(experiment) -> click.Command:
     )
     @click.option("--data-dir", type=click.Path(path_type=Path), help="data sets root")
     @click.option("--quiet", is_flag=True, help="no progress bar and no log on the console")
-    def command(source, assignments, device, out, data_dir, quiet):
+    @_OVERWRITE
+    def command(source, assignments, device, out, data_dir, quiet, overwrite):
         from .checkpoints import CheckpointError
         from .experiments import with_inputs
         from .experiments.fewshot import test_overrides, training_run
@@ -190,7 +250,10 @@ def _fewshot_test(experiment) -> click.Command:
             raise click.UsageError(str(error)) from None
         config = _resolve(experiment, "run", None, assignments, None, device, {"run": trained})
         runner = with_inputs(experiment, source=source, mode=mode)
-        _execute(runner, config, out or source / "test", data_dir, quiet)
+        out = out or source / "test"
+        if Path(out).resolve() == Path(source).resolve():  # --overwrite would delete the network
+            raise click.UsageError(f"--out {out} is the trained run: test into another directory")
+        _execute(runner, config, out, data_dir, quiet, overwrite=overwrite, resumable=False)
 
     return command
 

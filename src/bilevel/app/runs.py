@@ -14,28 +14,26 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
 from tqdm import tqdm
 
+from .files import atomic_write, remove_partial_writes, write_atomic
 
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write `data` to `path` so that `path` is either the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode() if isinstance(data, str) else data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+__all__ = [
+    "Run",
+    "atomic_write",
+    "clear_run",
+    "previous_run",
+    "remove_partial_writes",
+    "save_figure",
+    "to_json",
+]
+
+RESULTS = ("config.json", "metrics.jsonl", "summary.json", "run.log")  # every run writes these
+CHECKPOINTS = ("checkpoint.pt", "best.pt")  # what a run continues from, or is tested from
 
 
 def save_figure(figure, path: Path) -> Path:
@@ -43,23 +41,16 @@ def save_figure(figure, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
     try:
-        figure.savefig(temporary, dpi=120, bbox_inches="tight")
-        os.replace(temporary, path)
+        write_atomic(
+            path,
+            lambda temporary: figure.savefig(
+                temporary, format=path.suffix.lstrip(".") or None, dpi=120, bbox_inches="tight"
+            ),
+        )
     finally:
-        Path(temporary).unlink(missing_ok=True)
         plt.close(figure)
     return path
-
-
-def remove_partial_writes(out: Path) -> None:
-    """The temporary files of ``atomic_write`` calls that a killed process left in ``out`` (the
-    files they were to replace are whole)."""
-    for partial in Path(out).glob(".*.tmp"):
-        partial.unlink(missing_ok=True)
 
 
 def to_json(value) -> str:
@@ -141,16 +132,49 @@ class Run:
             iterable, total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True
         )
 
-    def finish(self, status: str) -> None:
+    def finish(self, status: str, error: str | None = None) -> None:
+        """Record the final status (and, for a failed run, its error message), and close."""
         self.summary["status"] = status
+        if error is not None:
+            self.summary["error"] = error
         self._write_summary()
         if not self.writes:
             return
         self._metrics.close()
-        self.log.info("%s: results in %s", status, self.out)
+        why = "" if error is None else f"{error}; "
+        self.log.info("%s: %sresults in %s", status, why, self.out)
         for handler in list(self.log.handlers):
             handler.close()
             self.log.removeHandler(handler)
+
+
+def previous_run(out: Path) -> str | None:
+    """What a new run in ``out`` would destroy: a run there that completed or left a checkpoint
+    (None when there is none, or only the files of a run stopped before its first checkpoint)."""
+    out = Path(out)
+    checkpointed = any((out / name).is_file() for name in CHECKPOINTS)
+    status = _status(out)
+    if status != "completed" and not checkpointed:
+        return None
+    return f"a{'n' if status[0] in 'aeiou' else ''} {status} run" + (
+        " with its checkpoint" if checkpointed else ""
+    )
+
+
+def clear_run(out: Path) -> None:
+    """Delete the files of an earlier run in ``out`` (its results, log and checkpoints), so that
+    a new run neither mixes with it nor resumes it; other files are left alone."""
+    for name in (*RESULTS, *CHECKPOINTS):
+        (Path(out) / name).unlink(missing_ok=True)
+
+
+def _status(out: Path) -> str:
+    """The status in ``out``'s summary.json ("unfinished" when absent or unreadable)."""
+    try:
+        status = json.loads((out / "summary.json").read_text())["status"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unfinished"
+    return status if isinstance(status, str) and status else "unfinished"
 
 
 def _rank() -> int:

@@ -12,6 +12,7 @@ autograd graph.
 from __future__ import annotations
 
 from ..typing import Method
+from .auto import auto
 from .forward import ForwardSolver, forward
 from .implicit import fixed_point, implicit_cg, implicit_neumann
 from .problem import InnerProblem
@@ -24,6 +25,7 @@ METHODS: dict[str, Method] = {
     "implicit-cg": implicit_cg,
     "implicit-neumann": implicit_neumann,
     "fixed-point": fixed_point,
+    "auto": auto,  # Problem.create resolves it once into one of the above
 }
 
 __all__ = ["METHODS", "ForwardSolver", "InnerProblem"]

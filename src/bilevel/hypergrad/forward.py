@@ -64,6 +64,7 @@ class ForwardSolver:
     def __init__(self, problem: InnerProblem, init: Init, hparams, *, vectorize: bool = True):
         self.problem, self.vectorize = problem, validate.boolean("vectorize", vectorize)
         self.init = init
+        self.info: dict = {}  # the Solution contract; forward mode has nothing to report
         self.hparams = detach(hparams)
         self.basis = _basis(self.hparams)
         self.z, self.tangents = self._start(init)

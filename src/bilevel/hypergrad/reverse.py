@@ -75,21 +75,26 @@ class StateStore:
     def __init__(self, like: Flat, count: int):
         self.buffers = [v.new_empty((count, *v.shape)) for v in like]
         self.steps: list[int] = []
-        self.random: list[RandomState] = []
+        generator = torch.get_rng_state()  # the CPU generator's states: one buffer too
+        self.cpu_random = generator.new_empty((count, *generator.shape))
+        self.cuda_random: list[tuple] = []
 
     def append(self, entry: tuple[int, Flat, RandomState]) -> None:
         t, z, random = entry
         for buffer, v in zip(self.buffers, z):
             buffer[len(self.steps)].copy_(v)
+        self.cpu_random[len(self.steps)].copy_(random.cpu)
+        self.cuda_random.append(random.cuda)
         self.steps.append(t)
-        self.random.append(random)
 
     def __len__(self) -> int:
         return len(self.steps)
 
     def __reversed__(self):
         for j in reversed(range(len(self.steps))):
-            yield self.steps[j], tuple(buffer[j] for buffer in self.buffers), self.random[j]
+            # a copy: set_rng_state reads a whole tensor, not a row of a buffer
+            random = RandomState(self.cpu_random[j].clone(), self.cuda_random[j])
+            yield self.steps[j], tuple(buffer[j] for buffer in self.buffers), random
 
 
 class ReverseSolution:

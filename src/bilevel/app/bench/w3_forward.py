@@ -44,7 +44,7 @@ def implementations(size: dict) -> list[Impl]:
     too_big = None if graph else f"not run: a kept graph needs ~{size['T'] * 4 // 1000} GB"
     return [
         Impl(LOWER_BOUND, note="T steps of SGD with momentum, no graph"),
-        Impl("bilevel:forward", note="vmap of jvp over m=3"),
+        Impl("bilevel:forward", note="m=3 tangents, batched backward passes"),
         Impl("bilevel:forward-loop", note="vectorize=False"),
         Impl("bilevel:reverse-graph", skip=too_big),
         Impl("bilevel:reverse-trajectory"),

@@ -1,8 +1,10 @@
 """W4, implicit differentiation: W1 with weight decay 0.1 (a strongly convex inner problem) run
 to convergence (T = 1000 steps reach float32's floor), and the hypergradient of the exact
-solution by implicit-cg, implicit-neumann and fixed-point against torchopt's custom_root with
-its conjugate-gradient solver; every solver gets the same tolerance. The error is measured
-against the exact hypergradient in float64 (inner problem solved to 1e-13, CG to 1e-13)."""
+solution by implicit-cg, implicit-neumann and fixed-point, and by bilevel.custom_argmin around the
+same training loop (the user's own solver, with CG and with GMRES), against torchopt's
+custom_root with its conjugate-gradient solver; every solver gets the same tolerance. The error
+is measured against the exact hypergradient in float64 (inner problem solved to 1e-13, CG to
+1e-13)."""
 
 from __future__ import annotations
 
@@ -44,6 +46,8 @@ def implementations(size: dict) -> list[Impl]:
         Impl("bilevel:implicit-cg", note=f"{note}, ≤ {CG_ITERATIONS} iterations"),
         Impl("bilevel:implicit-neumann", note=f"{note}, ≤ {ITERATIONS} iterations"),
         Impl("bilevel:fixed-point", note=f"{note}, ≤ {ITERATIONS} iterations"),
+        Impl("bilevel:custom_argmin-cg", note=f"own solver, {note}, ≤ {CG_ITERATIONS} its"),
+        Impl("bilevel:custom_argmin-gmres", note=f"own solver, {note}, ≤ {CG_ITERATIONS} its"),
         Impl("torchopt:implicit-cg", "torchopt", note=f"custom_root + solve_cg, {note}"),
     ]
 
@@ -54,6 +58,8 @@ def build(impl: str, size: dict, device: str):
         return functools.partial(w1.inner_training, d, T, WEIGHT_DECAY)
     if impl == "torchopt:implicit-cg":
         return functools.partial(torchopt_implicit, d, T)
+    if impl.startswith("bilevel:custom_argmin-"):
+        return functools.partial(bilevel_custom_argmin, d, T, impl.rsplit("-", 1)[1])
     return functools.partial(bilevel_implicit, d, T, *METHODS[impl])
 
 
@@ -66,6 +72,27 @@ def bilevel_implicit(d: w1.Data, T: int, method: str, iterations: int) -> Tensor
         iterations=iterations, tolerance=TOLERANCE,
     )  # fmt: skip
     return result.grads["lam"]
+
+
+def bilevel_custom_argmin(d: w1.Data, T: int, linear_solver: str) -> Tensor:
+    """The user's own training loop, differentiated implicitly by bilevel.custom_argmin."""
+    inner, _ = w1.objectives(d)
+
+    def objective(p, h):  # the inner loss with the loop's weight decay: what it minimises
+        decay = sum((v**2).sum() for v in p.values())
+        return inner(p, h) + 0.5 * WEIGHT_DECAY * decay
+
+    @bilevel.custom_argmin(
+        objective, linear_solver=linear_solver, iterations=CG_ITERATIONS, tolerance=TOLERANCE
+    )
+    def solver(h):
+        with torch.enable_grad():
+            W, b = w1.inner_training(d, T, WEIGHT_DECAY)
+        return {"W": W, "b": b}
+
+    lam = d.lam.clone().requires_grad_(True)
+    p = solver({"lam": lam})
+    return torch.autograd.grad(w1.val_loss(p["W"], p["b"], d), lam)[0]
 
 
 def stationarity(params, lam: Tensor, d: w1.Data):

@@ -1,4 +1,5 @@
-"""Decoded-data caches: atomic saves, eviction of stale copies, and a decoding pool."""
+"""Decoded-data caches: eviction of stale copies, and a decoding pool (they are written whole
+by bilevel.app.files.write_atomic)."""
 
 from __future__ import annotations
 
@@ -9,19 +10,6 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-
-
-def save_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Have ``write(tmp)`` create a temporary file beside ``path``, then rename it over ``path``:
-    readers never see a partial file, and concurrent builders each leave a whole one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same suffix, so that np.save does not append ".npy" to the temporary name.
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def evict_stale(stem: Path, source: str) -> None:

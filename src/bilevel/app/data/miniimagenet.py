@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, JpegImagePlugin  # noqa: F401  (imported before any fork)
 
-from .cache import evict_stale, pool_map, resolve_workers, save_atomic
+from ..files import atomic_write, write_atomic
+from .cache import evict_stale, pool_map, resolve_workers
 from .episodes import ClassSet
-from .store import DataError, cache_root, data_root, ensure_file
+from .store import DataError, absent_root, cache_root, data_root, ensure_file, missing_root
 
 __all__ = ["MiniImageNetData", "load_miniimagenet", "miniimagenet_dir", "miniimagenet_split"]
 
@@ -50,6 +51,10 @@ RAVI_URL = (
     "c9bb4d258267c11cb6e23f0a19242d24ca98ad8a/data/miniImagenet/splits/ravi/"
 )
 CACHE_VERSION = 1
+LAYOUT = (
+    "train/<wnid>/*.jpg and test/<wnid>/*.jpg (84x84 RGB, 600 per class; val/<wnid>/*.jpg "
+    "optional) and splits/ravi/{train,val,test}.csv (filename,label; downloaded when missing)"
+)
 
 
 @dataclass(frozen=True)
@@ -101,10 +106,8 @@ def load_miniimagenet(
     """
     workers = resolve_workers(workers)
     directory = miniimagenet_dir(data_dir)
+    _check_layout(directory, missing_root(data_dir))
     parts = [p for p in PARTS if p != "val" or (directory / "val").is_dir()]
-    for part in ("train", "test"):
-        if not (directory / part).is_dir():
-            raise DataError(f"mini-ImageNet: {directory / part} is missing")
     listings = {p: _listing(directory, p, download) for p in parts}
     cache = Path(cache_dir) if cache_dir is not None else cache_root() / "miniimagenet"
     stems = {p: cache / f"{p}-{_fingerprint(listings[p])}" for p in parts}
@@ -115,6 +118,23 @@ def load_miniimagenet(
         images[p] = _build_cache(stems[p], directory / p, listings[p], workers, counter)
     wnids = {p: tuple(listings[p]) for p in parts}
     return MiniImageNetData(images, wnids, directory)
+
+
+def _check_layout(directory: Path, root: Path | None) -> None:
+    """Raise DataError, with the layout expected and where the data comes from, when the image
+    folders are absent (mini-ImageNet cannot be downloaded: its images are ImageNet's). ``root``:
+    the chosen data root, when it does not exist."""
+    absent = [str(directory / p) for p in ("train", "test") if not (directory / p).is_dir()]
+    if not absent:
+        return
+    message = (
+        f"mini-ImageNet: {' and '.join(absent)} {'is' if len(absent) == 1 else 'are'} missing. "
+        f"Expected in {directory}: {LAYOUT}. It is not downloaded (its images are ImageNet's, "
+        "under ImageNet's terms): make it from the images.zip of Ravi & Larochelle's release "
+        "with data/miniImagenet/proc_images.py of github.com/cbfinn/maml, which resizes the "
+        "images to 84x84 and sorts them into <part>/<wnid>/ by the CSVs; see docs/experiments.md"
+    )
+    raise DataError(message if root is None else f"{absent_root(root)}. {message}")
 
 
 def miniimagenet_split(data: MiniImageNetData, part: str = "train", seed: int = 0) -> ClassSet:
@@ -233,7 +253,7 @@ def _build_cache(
         for n in pool_map(_decode_class, [(tmp, *task) for task in tasks], workers):
             counter.add(n)
 
-    save_atomic(stem.with_suffix(".npy"), decode)
+    write_atomic(stem.with_suffix(".npy"), decode)
     source = str(folder.resolve())
     index = {
         "version": CACHE_VERSION,
@@ -241,7 +261,7 @@ def _build_cache(
         "shape": list(shape),
         "wnids": list(listing),
     }
-    save_atomic(stem.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(index)))
+    atomic_write(stem.with_suffix(".json"), json.dumps(index))
     evict_stale(stem, source)
     return np.load(stem.with_suffix(".npy"), mmap_mode="r")
 

@@ -17,7 +17,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .store import DataError, data_root, ensure_file
+from . import store
+from .store import DataError, data_root, ensure_file, fetch_missing, require_files
 
 __all__ = ["FILES", "MIRRORS", "Split", "load_mnist", "mnist_dir", "read_idx"]
 
@@ -130,8 +131,20 @@ def load_mnist(
 ) -> dict[str, Split]:
     """Load MNIST as ``{"train": Split, "test": Split}`` (60,000 and 10,000 examples).
 
-    Every file is checked against its canonical sha256 first; a missing one is downloaded into
-    :func:`mnist_dir` when ``download`` is true, and a corrupt one raises :class:`DataError`.
+    Every file is checked against its canonical sha256 first; the missing ones are downloaded
+    into :func:`mnist_dir` when ``download`` is true, and a corrupt one raises
+    :class:`DataError`. A ``data_dir`` (or $BILEVEL_DATA) that does not exist is an error, not
+    created; so are missing files that cannot be downloaded, all of them named.
     """
     directory = mnist_dir(data_dir)
+    pinned = {name: sha256 for pair in FILES.values() for name, sha256 in pair}
+    source = f"get them from {MIRRORS[0]}"
+    missing = require_files(
+        "MNIST", directory, list(pinned), source, data_dir=data_dir, download=download
+    )
+    fetch_missing(missing, lambda name: _fetch(directory, name, pinned[name]))
     return {split: _load_split(directory, split, download) for split in FILES}
+
+
+def _fetch(directory: Path, name: str, sha256: str) -> None:
+    store.download([mirror + name for mirror in MIRRORS], directory / name, sha256)

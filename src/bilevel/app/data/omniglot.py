@@ -35,10 +35,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin  # noqa: F401  (imported before any fork)
 
+from ..files import atomic_write, write_atomic
 from . import store
-from .cache import evict_stale, pool_map, resolve_workers, save_atomic
+from .cache import evict_stale, pool_map, resolve_workers
 from .episodes import ClassSet
-from .store import DataError, cache_root, data_root, ensure_file
+from .store import (
+    DataError,
+    cache_root,
+    data_root,
+    ensure_file,
+    fetch_missing,
+    require_files,
+)
 
 __all__ = [
     "BACKGROUND",
@@ -154,15 +162,22 @@ def load_omniglot(
 ) -> OmniglotData:
     """Load Omniglot at 28x28, decoding the zips on first use and memory-mapping the cache after.
 
-    A missing zip is downloaded (when ``download``) and checked against the canonical sha256; a
-    present one must hold 30+20 alphabets, 964+659 characters, 20 drawings each, 105x105, else
-    :class:`DataError` says what is wrong. ``cache_dir`` defaults to ``cache_root()/omniglot``;
+    A missing zip is downloaded (when ``download``) and checked against the canonical sha256 (a
+    ``data_dir`` that does not exist is an error, not created); a present one must hold 30+20
+    alphabets, 964+659 characters, 20 drawings each, 105x105, else :class:`DataError` says what
+    is wrong. ``cache_dir`` defaults to ``cache_root()/omniglot``;
     ``workers`` (default: the usable CPUs) decode in parallel, calling ``progress(done, total)``.
     """
     if resize not in RESIZES:
         raise ValueError(f"resize must be one of {RESIZES}, got {resize!r}")
     workers = resolve_workers(workers)
     directory = omniglot_dir(data_dir)
+    source = f"get them from {MIRRORS[0]} (the canonical zips)"
+    names = [f"{name}.zip" for name in COUNTS]
+    missing = require_files(
+        "Omniglot", directory, names, source, data_dir=data_dir, download=download
+    )
+    fetch_missing(missing, lambda name: _zip_path(directory, Path(name).stem, download))
     zips = [_zip_path(directory, name, download) for name in COUNTS]
     cache = Path(cache_dir) if cache_dir is not None else cache_root() / "omniglot"
     stem = cache / f"omniglot{SIZE}-{resize}-{_file_key(zips, resize)}"
@@ -378,10 +393,15 @@ def _build_cache(
             for c in chars
         ],
     }
-    save_atomic(stem.with_suffix(".npy"), lambda tmp: np.save(tmp, images))
-    save_atomic(stem.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(index)))
+    write_atomic(stem.with_suffix(".npy"), lambda tmp: _save_array(tmp, images))
+    atomic_write(stem.with_suffix(".json"), json.dumps(index))
     evict_stale(stem, source)
     return np.load(stem.with_suffix(".npy"), mmap_mode="r"), index["classes"]
+
+
+def _save_array(path: Path, images: np.ndarray) -> None:
+    with open(path, "wb") as handle:  # a handle: given a name, np.save would add ".npy" to it
+        np.save(handle, images)
 
 
 def _chunks(chars: list[_Character]) -> list[tuple[int, int]]:

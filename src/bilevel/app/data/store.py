@@ -22,15 +22,20 @@ from bilevel import BilevelError
 
 __all__ = [
     "DataError",
+    "absent_root",
     "cache_root",
     "data_root",
     "download",
     "ensure_file",
+    "fetch_missing",
+    "missing_root",
+    "require_files",
     "sha256_file",
 ]
 
 DATA_ENV = "BILEVEL_DATA"
 CACHE_ENV = "BILEVEL_CACHE"
+OFFLINE_ENV = "BILEVEL_OFFLINE"
 USER_AGENT = "bilevel-data/0.1 (+python urllib)"
 _CHUNK = 1 << 20
 
@@ -61,6 +66,71 @@ def data_root(data_dir: str | os.PathLike | None = None) -> Path:
         return Path(data_dir).expanduser()
     env = os.environ.get(DATA_ENV)
     return Path(env).expanduser() if env else _user_cache_dir()
+
+
+def missing_root(data_dir: str | os.PathLike | None = None) -> Path | None:
+    """The data root when it was chosen (``data_dir``, else $BILEVEL_DATA) and does not exist.
+
+    Only the default root, the user cache, is created when a download needs it: a mistyped
+    directory must be an error that names it, not a new empty directory filled by downloads.
+    """
+    if data_dir is None and not os.environ.get(DATA_ENV):
+        return None
+    root = data_root(data_dir)
+    return None if root.is_dir() else root
+
+
+def absent_root(root: Path) -> str:
+    """What to say of a chosen data root that does not exist (see :func:`missing_root`)."""
+    return (
+        f"data directory {root} does not exist (--data-dir, or ${DATA_ENV}; only the user "
+        "cache, the default, is created)"
+    )
+
+
+def require_files(
+    dataset: str,
+    directory: Path,
+    names: Sequence[str],
+    source: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    download: bool = True,
+) -> list[str]:
+    """The files of ``names`` that ``directory`` lacks, to be downloaded into it.
+
+    Raises :class:`DataError`, one line naming every missing file and ``source`` (where they
+    come from), when they cannot be downloaded: the chosen data root does not exist (see
+    :func:`missing_root`), ``download`` is false, or ``BILEVEL_OFFLINE`` is set.
+    """
+    missing = [name for name in names if not (Path(directory) / name).is_file()]
+    root = missing_root(data_dir)
+    disabled = "BILEVEL_OFFLINE is set" if _offline() else None if download else "download=False"
+    if not missing or (root is None and disabled is None):
+        return missing
+    message = f"{dataset}: {missing[0]} is missing"
+    if disabled is not None:
+        message += f" and downloading is disabled ({disabled})"
+    if len(missing) > 1:
+        message += f"; so {'is' if len(missing) == 2 else 'are'} {', '.join(missing[1:])}"
+    message += f"; {source}, and save them in {directory}"
+    raise DataError(message if root is None else f"{absent_root(root)}: {message}")
+
+
+def fetch_missing(missing: Sequence[str], fetch: Callable[[str], object]) -> None:
+    """``fetch(name)`` for each missing file; a failure also names the files not fetched yet."""
+    for index, name in enumerate(missing):
+        try:
+            fetch(name)
+        except DataError as error:
+            later = missing[index + 1 :]
+            if not later:
+                raise
+            raise DataError(f"{error}; also missing: {', '.join(later)}") from None
+
+
+def _offline() -> bool:
+    return os.environ.get(OFFLINE_ENV, "") not in ("", "0")
 
 
 def cache_root() -> Path:
@@ -159,11 +229,9 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def _manual_hint(dest: Path, sha256: str) -> str:
-    return (
-        f"to install it by hand, download {dest.name} from any mirror and save it as {dest} "
-        f"(expected sha256 {sha256})"
-    )
+def _manual_hint(dest: Path, sha256: str, urls: Sequence[str]) -> str:
+    where = urls[0] if urls else dest.name
+    return f"to install it by hand, download {where}, save it as {dest} (expected sha256 {sha256})"
 
 
 def download(
@@ -184,10 +252,10 @@ def download(
     failure when none succeeds.
     """
     dest = Path(dest)
-    if os.environ.get("BILEVEL_OFFLINE", "") not in ("", "0"):
+    if _offline():
         raise DataError(
             f"{dest.name} is missing and downloading is disabled (BILEVEL_OFFLINE is set); "
-            + _manual_hint(dest, sha256)
+            + _manual_hint(dest, sha256, urls)
         )
     part = _part_path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -204,7 +272,8 @@ def download(
         failures.append(f"{url} ({failure})")
     tried = ", ".join(failures) if failures else "no mirrors given"
     # one line: a command line prints it as its single error line
-    raise DataError(f"could not download {dest.name}; tried {tried}; {_manual_hint(dest, sha256)}")
+    hint = _manual_hint(dest, sha256, urls)
+    raise DataError(f"could not download {dest.name}; tried {tried}; {hint}")
 
 
 _download = download  # `ensure_file` has a parameter named `download`
@@ -235,6 +304,6 @@ def ensure_file(
         return path
     if not download:
         raise DataError(
-            f"{name} is missing and downloading is disabled; " + _manual_hint(path, sha256)
+            f"{name} is missing and downloading is disabled; " + _manual_hint(path, sha256, urls)
         )
     return _download(urls, path, sha256, **download_kwargs)

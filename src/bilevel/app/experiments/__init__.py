@@ -9,7 +9,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 
+from bilevel import BilevelError
+
 from .config import ExperimentConfig
+
+# Failures the command line reports in one line (exit 1), by their message: a BilevelError
+# (divergence, bad data, a checkpoint that cannot be used), an output path that cannot be written.
+EXPECTED = (BilevelError, PermissionError)
 
 
 @dataclass(frozen=True)
@@ -33,11 +39,20 @@ def with_inputs(experiment: Experiment, **inputs) -> Experiment:
     return replace(experiment, run=partial(experiment.run, **inputs))
 
 
+def describe(error: BaseException) -> str:
+    """An error as the command line reports it: an expected failure by its message, anything
+    else by its type and message."""
+    if isinstance(error, EXPECTED):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
 def execute(experiment: Experiment, config: ExperimentConfig, out, data_dir, quiet: bool) -> str:
     """Run one experiment into `out`; returns its final status.
 
     Ctrl-C leaves a valid partial result (status "interrupted"); an error leaves status
-    "failed" and propagates. Nothing claims success unless the run completed.
+    "failed", its message in summary.json ("error") and run.log, and propagates. Nothing claims
+    success unless the run completed.
     """
     from bilevel import __version__
 
@@ -55,8 +70,8 @@ def execute(experiment: Experiment, config: ExperimentConfig, out, data_dir, qui
     except KeyboardInterrupt:
         run.finish("interrupted")
         return "interrupted"
-    except BaseException:
-        run.finish("failed")
+    except BaseException as error:
+        run.finish("failed", error=describe(error))
         raise
     run.finish("completed")
     return "completed"

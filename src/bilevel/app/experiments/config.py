@@ -2,17 +2,28 @@
 
 Precedence, lowest first: the config class's defaults, the preset, the config file, then each
 `--set key=value` in order (dotted keys reach into nested sections). The result is validated by
-pydantic; an unknown key or a bad value is an error that names it.
+pydantic; an unknown key or a bad value is an error that names it. Numbers must be finite (a
+config.json holds strict JSON), and true/false is not a number. A config file is TOML, YAML or
+JSON: what --show-config prints, and a run's own config.json, are accepted as written.
 """
 
 from __future__ import annotations
 
+import json
 import sys
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,10 +38,19 @@ class ConfigError(ValueError):
 class ExperimentConfig(BaseModel):
     """Settings every experiment has."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     seed: int = Field(0, ge=0, description="same seed, same numbers")
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, ...")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_flag_for_a_number(cls, value, info: ValidationInfo):
+        """pydantic reads true as 1 for an int or float: a typo that would pass silently."""
+        types = _types(cls.model_fields[info.field_name].annotation)
+        if bool not in types and types & {int, float} and _holds_bool(value):
+            raise ValueError("expected a number, not true or false")
+        return value
 
     @field_validator("device")
     @classmethod
@@ -57,8 +77,24 @@ class StagedConfig(ExperimentConfig):
     )
 
 
+def _types(annotation) -> set:
+    """Every type an annotation names: ``list[int] | None`` gives {list, int, NoneType}."""
+    found = {annotation} if isinstance(annotation, type) else set()
+    for argument in typing.get_args(annotation):
+        found |= _types(argument)
+    return found
+
+
+def _holds_bool(value) -> bool:
+    if isinstance(value, (list, tuple)):
+        return any(_holds_bool(item) for item in value)
+    return isinstance(value, bool)
+
+
 def read_file(path: Path) -> dict:
-    """A config file's contents as a dict (TOML by .toml, YAML by .yaml/.yml)."""
+    """A config file's settings as a dict: TOML by .toml, YAML by .yaml/.yml, JSON by .json
+    (what --show-config prints). A run's config.json (the settings under "config", beside the
+    experiment's name and version) gives its settings."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
@@ -68,12 +104,16 @@ def read_file(path: Path) -> dict:
             data = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml"):
             data = yaml.safe_load(text) or {}
+        elif path.suffix == ".json":
+            data = json.loads(text)
         else:
-            raise ConfigError(f"--config {path}: use a .toml, .yaml or .yml file")
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
+            raise ConfigError(f"--config {path}: use a .toml, .yaml, .yml or .json file")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as error:
         raise ConfigError(f"--config {path}: {error}") from error
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: the file must hold a table of settings")
+    if {"experiment", "config"} <= set(data) and isinstance(data["config"], dict):
+        return data["config"]  # a run's config.json
     return data
 
 

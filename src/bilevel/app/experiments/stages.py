@@ -187,13 +187,13 @@ def session(
     experiment: str, config: ExperimentConfig, run, resume: dict | None
 ) -> Iterator[Session]:
     """The stages' session of a run: its process group (torchrun) and the resumed state, with
-    the metrics lines of the resumed part written back to metrics.jsonl."""
+    the metrics lines of the resumed part written back to metrics.jsonl. ``resume`` is the
+    checkpoint read before the run's files were opened (--resume, or ``BILEVEL_RESUME=auto``
+    and torchrun restarts: bilevel.app.cli); rank 0's is the one every rank starts from."""
     group = distributed.init(config.device)
     try:
         if group.main:
             remove_partial_writes(run.out)
-            if resume is None and checkpoints.auto_resume() and (run.out / CHECKPOINT).is_file():
-                resume = prepare_resume(experiment, config, run.out)
         resume = group.broadcast(resume)  # what rank 0 read: every rank starts from the same
         config = config.model_copy(update={"device": group.device})
         state = Session(experiment, config, run, group)

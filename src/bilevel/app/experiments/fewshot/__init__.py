@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import partial
 
 from .. import Experiment
-from .config import PRESETS, FewshotConfig
+from .config import PRESETS, FewshotConfig, FewshotTestConfig
 from .evaluation import run_test, test_overrides
 from .train import Resume, prepare_resume, run_training, training_run
 
@@ -20,6 +20,7 @@ __all__ = [
     "TEST",
     "TRAIN",
     "FewshotConfig",
+    "FewshotTestConfig",
     "PRESETS",
     "Resume",
     "prepare_resume",
@@ -44,7 +45,7 @@ CLASSICAL = Experiment(
 TEST = Experiment(
     name="fewshot-test",
     summary="Meta-test a trained run: accuracy ± 95% CI on seeded episodes, by inner steps.",
-    config=FewshotConfig,
+    config=FewshotTestConfig,
     presets={},
     run=run_test,
 )

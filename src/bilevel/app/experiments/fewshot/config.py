@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -34,6 +34,10 @@ EPISODE_KEYS = frozenset({"ways", "shots", "queries"})
 
 
 class FewshotConfig(ExperimentConfig):
+    # the parts of the split whose classes must hold `ways` classes: training meta-trains and
+    # meta-validates, and its episodes are tested later
+    PARTS: ClassVar[tuple[str, ...]] = ("train", "val", "test")
+
     dataset: Literal["omniglot", "miniimagenet"] = "omniglot"
     split: Literal["paper", "vinyals", "ravi"] = "paper"
     split_seed: int = Field(0, ge=0, description="seed of the Omniglot paper split / val hold-out")
@@ -100,10 +104,11 @@ class FewshotConfig(ExperimentConfig):
     def _consistent(self):
         if (self.dataset == "miniimagenet") != (self.split == "ravi"):
             raise ValueError("split 'ravi' is mini-ImageNet's, 'paper'/'vinyals' Omniglot's")
-        for part, available in self.classes_available().items():
-            if self.ways > available:
+        available = self.classes_available()
+        for part in self.PARTS:
+            if self.ways > available[part]:
                 raise ValueError(
-                    f"ways={self.ways} exceeds the {available} {part} classes available"
+                    f"ways={self.ways} exceeds the {available[part]} {part} classes available"
                 )
         if self.shots + self.queries > EXAMPLES[self.dataset]:
             raise ValueError(
@@ -128,6 +133,12 @@ class FewshotConfig(ExperimentConfig):
             for k, v in settings.items()
             if k not in NOT_HASHED and not (k in ADDED_LATER and v == ADDED_LATER[k])
         }
+
+
+class FewshotTestConfig(FewshotConfig):
+    """The settings of a meta-test: its episodes come from the test classes alone."""
+
+    PARTS: ClassVar[tuple[str, ...]] = ("test",)
 
 
 def _preset(dataset: str, ways: int, shots: int) -> dict:

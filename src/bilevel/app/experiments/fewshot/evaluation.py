@@ -12,7 +12,7 @@ from ..common import seed_everything
 from .config import EPISODE_KEYS, TEST_KEYS, FewshotConfig
 from .data import class_sets, episodes
 from .learners import Learner, confidence, evaluate
-from .train import BEST, CHECKPOINT, identity, training_run
+from .train import BEST, CHECKPOINT, best_so_far, identity, training_run
 
 EPISODES_PER_DRAW = 20  # episodes sampled at once; the heads of a draw are trained together
 
@@ -77,7 +77,7 @@ def _trained(config: FewshotConfig, source: Path, mode: str, run) -> Learner:
     run.update(
         checkpoint=str(path),
         trained_iterations=progress["iteration"],
-        best_val_accuracy=progress["best_accuracy"],
+        best_val_accuracy=best_so_far(progress)["best_val_accuracy"],
     )
     return learner.to(torch.device(config.device))
 

@@ -322,8 +322,8 @@ def run_training(config: FewshotConfig, run, data_dir, mode: str, resume: Resume
 
 
 def _train(config, run, data_dir, mode: str, resume: Resume | None, group) -> None:
-    if resume is None and checkpoints.auto_resume() and (run.out / CHECKPOINT).is_file():
-        resume = prepare_resume(config, run.out, mode)
+    # resume: read before the run's files were opened (--resume, or BILEVEL_RESUME=auto and
+    # torchrun restarts: bilevel.app.cli)
     if group.main:
         remove_partial_writes(run.out)
     trainer = build(config, data_dir, mode, run.log, group, fresh=resume is None)
@@ -457,12 +457,21 @@ def _summarise(trainer: Trainer, run) -> None:
     budget_spent = p["iteration"] >= trainer.config.iterations
     run.update(
         iterations=p["iteration"],
-        best_val_accuracy=p["best_accuracy"],
-        best_val_ci95=p["best_ci95"],
-        best_iteration=p["best_iteration"],
+        **best_so_far(p),
         stopped=p["stopped"] or ("budget" if budget_spent else None),  # None: may resume
         inner_lr=trainer.learner.inner_lr(),
     )
+
+
+def best_so_far(progress: dict) -> dict:
+    """The best validation so far as summary.json reports it: null before the first one."""
+    if progress["best_accuracy"] < 0:  # the -1 that any validation accuracy beats
+        return dict.fromkeys(("best_val_accuracy", "best_val_ci95", "best_iteration"))
+    return {
+        "best_val_accuracy": progress["best_accuracy"],
+        "best_val_ci95": progress["best_ci95"],
+        "best_iteration": progress["best_iteration"],
+    }
 
 
 @contextmanager

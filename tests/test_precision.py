@@ -10,12 +10,13 @@ Relative errors of the hypergradient, torch 2.13 CPU, measured by
     reverse (each memory policy)   1e-7      2.8e-3   1.1e-3
     truncated k=10                 1e-7      3.8e-3   1.0e-3
     forward                        2e-7      7.0e-4   6.7e-4
-    implicit-cg                    5e-6      2.6e-3   1.9e-3
+    implicit-cg                    4e-6      2.6e-3   1.9e-3
+    auto (chooses reverse here)    1e-7      2.8e-3   1.1e-3
 
     near the minimum (IMPLICIT: T = 300, 4x the learning rate)
     implicit-cg                    5e-6      8.1e-2   4.1e-2
-    implicit-neumann               5e-6      8.9e-2   3.8e-2
-    fixed-point                    4e-6      1.0e-1   4.1e-2
+    implicit-neumann               7e-6      8.6e-2   3.9e-2
+    fixed-point                    5e-6      1.0e-1   4.3e-2
 
 Near the minimum the lowered run stalls where its rounded gradient vanishes, and an implicit
 estimate amplifies that error of w_T by the inverse Hessian: the implicit system itself, formed

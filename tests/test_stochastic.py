@@ -78,16 +78,15 @@ def test_the_value_function_its_gradient_and_minimiser_are_exact(problem):
 
 # -- convergence ---------------------------------------------------------------------------
 
-DECREASING = {
-    "inner_decay": 0.4,
-    "outer_decay": 0.6,
-}  # SOBA's schedule: rho ~ k^-2/5, gamma ~ k^-3/5
+# SOBA's schedule: rho ~ k^-2/5, gamma ~ k^-3/5
+DECREASING = {"inner_decay": 0.4, "outer_decay": 0.6}
 CONVERGENCE = {
-    # name: (settings, iterations, tolerance on ||x - x*|| / ||x*||)
+    # name: (settings, iterations, tolerance on ||x - x*|| / ||x*||); measured over solver
+    # seeds 0-4: soba 0.3-0.7%, ma-soba 0.3-0.6%, saba < 2e-12, amigo 0.5-4.3%, stocbio 2.7-3.6%
     "soba": (DECREASING, 800, 0.02),
     "ma-soba": ({**DECREASING, "averaging": 0.3}, 800, 0.02),
     "saba": ({"outer_step": 0.5}, 400, 1e-8),  # constant steps: variance reduction, linear rate
-    "amigo": ({**DECREASING, "inner_steps": 3, "linear_steps": 3}, 400, 0.03),
+    "amigo": ({**DECREASING, "inner_steps": 3, "linear_steps": 3}, 400, 0.06),
     "stocbio": (
         {**DECREASING, "inner_steps": 3, "neumann_steps": 10, "linear_step": 1.5},
         200,
@@ -117,8 +116,8 @@ def test_every_solver_converges_to_the_minimiser_of_the_value_function(problem, 
 def test_saba_beats_soba_at_equal_samples(problem):
     """The variance-reduced SABA against SOBA with the same steps and batches, and against SOBA
     with its decreasing steps, after the same number of samples (SABA's count includes its
-    first pass over the data): SABA's suboptimality is far lower (measured: about 1e-30
-    against 1e-4 and 1e-3 at 12800 samples)."""
+    first pass over the data): SABA's suboptimality is far lower (measured: 6e-17 against
+    1.6e-3 and 1.8e-3 at 6400 samples)."""
     common = {"inner_step": 0.8, "outer_step": 0.5, "inner_batch": 8, "outer_batch": 8}
     budget = 6400
     saba = stochastic.make("saba", problem, evaluate_every=10**6, **common)

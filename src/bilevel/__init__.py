@@ -7,7 +7,7 @@ result.grads, result.params, result.value
 
 from importlib import metadata as _metadata
 
-from . import constraints
+from . import constraints, stochastic
 from .check import CheckReport, check
 from .dynamics import Dynamics, adagrad, adam, adamw, lion, nesterov, rmsprop, sgd
 from .errors import (
@@ -61,4 +61,5 @@ __all__ = [
     "rmsprop",
     "sgd",
     "solve",
+    "stochastic",
 ]

@@ -169,7 +169,7 @@ class Problem:
             value=value,
             method=self.method,
             seconds=time.perf_counter() - began,
-            info={**solution.info, **self._auto_info()},
+            info={**getattr(solution, "info", {}), **self._auto_info()},
             hparams=dict(hparams),
         )
 

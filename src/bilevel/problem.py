@@ -25,7 +25,7 @@ from .dynamics import Dynamics
 from .errors import HypergradientError, HypergradientWarning
 from .hypergrad import METHODS
 from .hypergrad.auto import choose
-from .hypergrad.problem import InnerProblem, evaluate, with_step
+from .hypergrad.problem import InnerProblem, RandomState, evaluate, with_step
 from .precision import Precision, check_hypergradient
 from .precision import resolve as resolve_precision
 from .typing import Hparams, Init, Method, Objective, Params, Solution
@@ -229,7 +229,10 @@ def hypergradient(
 
 def _initial_params(params: Init, hparams: Hparams) -> Params:
     if callable(params):
-        with torch.no_grad():  # only to learn the keys: stay out of the user's graph
+        # only to learn the keys: stay out of the user's graph and random stream (a random
+        # Phi_0 must draw in the run what it would have drawn without this call)
+        random = RandomState.capture(tuple(hparams.values()))
+        with torch.no_grad(), random.restored():
             start = params({k: v.detach() for k, v in hparams.items()})
         validate.tensor_dict("params(hparams)", start)
     else:
@@ -275,6 +278,13 @@ def pull_back(outer: Objective, solution, lam: Mapping[str, Tensor]):
             f"the outer objective is {outer_value} at w_T (the inner run was finite): its "
             "hypergradient is undefined; check the outer objective at the inner solution"
         )
+    for key, g in zip(w_T, direct):
+        if g is not None and not bool(torch.isfinite(g).all()):
+            raise HypergradientError(
+                f"the gradient of the outer objective with respect to params[{key!r}] is NaN "
+                f"or infinite at w_T although its value ({outer_value:.6g}) is finite: it is "
+                "not differentiable there (sqrt or norm at 0, for instance)"
+            )
     adjoint = {k: validate.zeros_if_none(g, w_T[k]) for k, g in zip(w_T, direct)}
     pulled, _ = solution.vjp(adjoint)
     direct_lam = direct[len(w_T) :]
@@ -291,7 +301,9 @@ def _warn_unused(outer: Objective, solution, lam: Mapping[str, Tensor], grads) -
     if not bool(zero.any()):
         return
     candidates = [k for k, z in zip(grads, zero.tolist()) if z]
-    unused = unreached(solution.problem, getattr(solution, "init", None), outer, solution, lam)
+    with RandomState.capture(tuple(lam.values())).restored():  # the probe draws nothing
+        init = getattr(solution, "init", None)
+        unused = unreached(solution.problem, init, outer, solution, lam)
     for key in [k for k in candidates if k in unused]:
         warnings.warn(
             f"hparams[{key!r}] affects neither the inner objective, the dynamics' settings, w_0 "

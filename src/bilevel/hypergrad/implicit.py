@@ -98,6 +98,8 @@ def warn_if_inexact(info: dict, advice: str, stacklevel: int = 3) -> None:
 def _grad(outputs, inputs, cotangents, **options) -> Flat:
     """Vector-Jacobian product with zeros where an input has no path to the outputs."""
     pairs = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
+    if not inputs:  # no hyperparameters (bilevel.solve may have none)
+        return ()
     if not pairs:
         return tuple(torch.zeros_like(x) for x in inputs)
     grads = torch.autograd.grad(

@@ -51,6 +51,7 @@ def reverse(
         raise ValueError(f"the window (k) must be at most steps={steps}, got {window}")
     length = _segment_length(memory, window, checkpoint_every)
 
+    initial_random = RandomState.capture(tuple(hparams.values()))  # Phi_0 may draw
     z = problem.start(init, hparams)
     first = steps - window + 1
     z = problem.run(z, hparams, 1, first - 1)  # outside the window: no graph at all
@@ -59,9 +60,11 @@ def reverse(
     z = problem.run(z, hparams, first, last - first, checkpoints=starts, every=length)
     z_last = leaves(z)
     z_end = problem.run(z_last, hparams, last, steps - last + 1, graph=True)
-    return ReverseSolution(
+    solution = ReverseSolution(
         problem, init, hparams, starts, length, (last, z_last, z_end), full=window == steps
     )
+    solution.initial_random = initial_random
+    return solution
 
 
 class StateStore:
@@ -143,7 +146,8 @@ class ReverseSolution:
             return grads, None
         alpha_w0 = problem.params_of(alpha)
         if learned:  # w_0 = Phi_0(lambda): continue into Phi_0
-            with torch.enable_grad():  # autograd.Function.backward runs without grad
+            # the draws w_0 was made with (a random Phi_0); backward runs without grad
+            with self.initial_random.restored(), torch.enable_grad():
                 w0 = self.init(hparams)
             extra = vjp([w0[k] for k in problem.keys], lam, [alpha_w0[k] for k in problem.keys])
             grads = {k: g + e for (k, g), e in zip(grads.items(), extra)}

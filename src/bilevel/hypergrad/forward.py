@@ -148,10 +148,8 @@ class ForwardSolver:
             shapes = [tuple(v.shape) for v in state[name]]
             if shapes != [tuple(v.shape) for v in now]:
                 raise ValueError(f"state: its {name} have shapes {shapes}, not this solver's")
-        self.z = tuple(v.to(now.device).clone() for v, now in zip(state["z"], self.z))
-        self.tangents = tuple(
-            v.to(now.device).clone() for v, now in zip(state["tangents"], self.tangents)
-        )
+        self.z = tuple(v.to(now).clone() for v, now in zip(state["z"], self.z))  # device, dtype
+        self.tangents = tuple(v.to(now).clone() for v, now in zip(state["tangents"], self.tangents))
         self.t = int(state["t"])
 
     def vjp(self, adjoint: Mapping[str, Tensor], initial: bool = False):

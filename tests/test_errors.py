@@ -150,10 +150,18 @@ def test_diverging_inner_run_says_where_and_what_to_do(ridge, method):
 
 
 def test_non_finite_hypergradient_is_reported(ridge):
-    def outer(p, h):  # finite value, infinite derivative at the outer's sqrt(0)
-        return (p["w"] * 0).sum().sqrt() + h["gamma"].sum() * 0
+    def outer(p, h):  # finite value, infinite derivative in gamma at the outer's sqrt(0)
+        return (p["w"] ** 2).sum() + (h["gamma"] * 0).sum().sqrt()
 
     with pytest.raises(bilevel.HypergradientError, match="hypergradient of 'gamma' is NaN"):
+        call(ridge, outer=outer)
+
+
+def test_non_finite_gradient_of_the_outer_objective_in_w_is_named(ridge):
+    def outer(p, h):  # finite value, infinite derivative in w at the outer's sqrt(0)
+        return (p["w"] * 0).sum().sqrt() + h["gamma"].sum() * 0
+
+    with pytest.raises(bilevel.HypergradientError, match=r"outer objective .*params\['w'\]"):
         call(ridge, outer=outer)
 
 

@@ -17,13 +17,15 @@ import bilevel
 DTYPE = torch.float64
 
 
-def dropout_problem():
+def dropout_problem(device="cpu"):
     g = torch.Generator().manual_seed(0)
     X, y = torch.randn(32, 5, generator=g, dtype=DTYPE), torch.randn(32, generator=g, dtype=DTYPE)
     Xv = torch.randn(16, 5, generator=g, dtype=DTYPE)
     yv = torch.randn(16, generator=g, dtype=DTYPE)
+    X, y, Xv, yv = (v.to(device) for v in (X, y, Xv, yv))
     torch.manual_seed(1)
     net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 1)).double()
+    net = net.to(device)
     params, apply = bilevel.functional(net)
 
     def inner(p, h):
@@ -34,7 +36,7 @@ def dropout_problem():
     def outer(p, h):
         return ((apply(p, Xv).squeeze(-1) - yv) ** 2).mean()
 
-    hparams = {"log_decay": torch.tensor(-2.0, dtype=DTYPE, requires_grad=True)}
+    hparams = {"log_decay": torch.tensor(-2.0, dtype=DTYPE, device=device, requires_grad=True)}
     return inner, outer, params, hparams
 
 
@@ -104,3 +106,19 @@ def test_check_compares_against_finite_differences_with_the_same_masks():
         inner, outer, params, hparams, bilevel.sgd(lr=0.2), 12, memory="trajectory"
     )
     assert report.passed(1e-6), report
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("memory", ["trajectory", "checkpoint"])
+def test_dropout_replays_on_cuda_draw_the_masks_of_the_graph_policy(memory):
+    """The CUDA generator's state is stored and restored with each segment start."""
+    grads = {}
+    for policy in ("graph", memory):
+        inner, outer, params, hparams = dropout_problem("cuda")
+        torch.manual_seed(7)
+        result = bilevel.hypergradient(
+            inner, outer, params, hparams, bilevel.sgd(lr=0.2), 12, memory=policy
+        )
+        grads[policy] = result.grads["log_decay"]
+    assert abs(float(grads["graph"])) > 1e-4
+    torch.testing.assert_close(grads[memory], grads["graph"], rtol=1e-10, atol=0)

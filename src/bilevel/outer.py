@@ -22,6 +22,7 @@ from . import validate
 from .constraints import project
 from .dynamics import Dynamics
 from .hypergrad import ForwardSolver
+from .hypergrad.problem import leaf_dict
 from .precision import Precision
 from .problem import Problem, pull_back
 from .typing import Init, Objective
@@ -223,7 +224,7 @@ class RealTimeHyperOptimizer(_OuterLoop):
         began = time.perf_counter()
         self.solver.set_hparams(self.hparams)
         self.solver.advance(self.every)
-        lam = {k: v.detach().requires_grad_(True) for k, v in self.hparams.items()}
+        lam = leaf_dict(self.hparams)
         value, grads = pull_back(self.outer, self.solver, lam)
         return self._update(
             value, grads, {"seconds": time.perf_counter() - began, "inner_step": self.solver.t}

@@ -25,7 +25,7 @@ from .dynamics import Dynamics
 from .errors import HypergradientError, HypergradientWarning
 from .hypergrad import METHODS
 from .hypergrad.auto import choose
-from .hypergrad.problem import InnerProblem, RandomState, evaluate, with_step
+from .hypergrad.problem import InnerProblem, RandomState, evaluate, leaf_dict, with_step
 from .precision import Precision, check_hypergradient
 from .precision import resolve as resolve_precision
 from .typing import Hparams, Init, Method, Objective, Params, Solution
@@ -149,8 +149,10 @@ class Problem:
 
     def solution(self, hparams: Hparams) -> Solution:
         """Run the method: the inner steps and what its pull-back needs."""
+        return self._solve(leaf_dict(hparams))
+
+    def _solve(self, lam: dict[str, Tensor]) -> Solution:
         _check_autograd_available()
-        lam = {k: v.detach().requires_grad_(True) for k, v in hparams.items()}
         return self.run(self.inner, self.init, lam, self.steps, **self.options)
 
     def hypergradient(self, hparams: Hparams) -> Result:
@@ -160,8 +162,8 @@ class Problem:
             raise ValueError("this problem has no outer objective: create it with one")
         _refuse_tracked_start(self.init)
         began = time.perf_counter()
-        lam = {k: v.detach().requires_grad_(True) for k, v in hparams.items()}
-        solution = self.run(self.inner, self.init, lam, self.steps, **self.options)
+        lam = leaf_dict(hparams)  # the method's leaves; pull_back adds the direct term on them
+        solution = self._solve(lam)
         value, grads = pull_back(self.outer, solution, lam)
         return Result(
             grads=grads,
@@ -263,7 +265,7 @@ def _check_autograd_available() -> None:
 
 def pull_back(outer: Objective, solution, lam: Mapping[str, Tensor]):
     """(E(w_T, lambda), its total derivative): the direct term plus the solution's pull-back."""
-    w_T = {k: v.detach().requires_grad_(True) for k, v in solution.params.items()}
+    w_T = leaf_dict(solution.params)
     with torch.enable_grad():
         value = evaluate("outer", outer, w_T, lam)
         if not value.requires_grad:
@@ -316,8 +318,8 @@ def _warn_unused(outer: Objective, solution, lam: Mapping[str, Tensor], grads) -
 def unreached(problem: InnerProblem, init, outer: Objective, solution, lam) -> set[str]:
     """Names of the hyperparameters that no part of the problem reads: one step with its graph
     from w_T, the outer objective there, and Phi_0 if w_0 is learned."""
-    lam = {k: v.detach().requires_grad_(True) for k, v in lam.items()}
-    params = {k: v.detach().requires_grad_(True) for k, v in solution.params.items()}
+    lam = leaf_dict(lam)
+    params = leaf_dict(solution.params)
     with torch.enable_grad():
         z, _ = problem.step(problem.pack(params, problem.dynamics.init(params)), lam, 1)
         outputs = [*z, evaluate("outer", outer, params, lam)]

@@ -59,7 +59,7 @@ import torch
 from torch import Tensor
 
 from .forward import forward
-from .problem import Flat, Init, InnerProblem, RandomState, leaves
+from .problem import Flat, Init, InnerProblem, RandomState, leaf_dict, leaves
 from .reverse import reverse
 
 MAX_FORWARD_HPARAMS = 16
@@ -239,7 +239,7 @@ def forward_bytes(sizes: Sizes, vectorize: bool) -> float:
 def measure(problem: InnerProblem, init: Init, hparams: Mapping[str, Tensor], steps: int):
     """The sizes of the problem at w_0 (two inner steps with their graphs, which draw nothing
     from the random generators: they are restored after)."""
-    lam = {k: v.detach().requires_grad_(True) for k, v in hparams.items()}
+    lam = leaf_dict(hparams)
     fixed = [] if callable(init) else list(init.values())
     with RandomState.capture([*fixed, *lam.values()]).restored():
         with torch.no_grad():

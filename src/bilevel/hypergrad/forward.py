@@ -36,6 +36,7 @@ from .problem import (
     check_finite_run,
     check_shapes,
     detach,
+    leaf_dict,
     leaves,
 )
 
@@ -80,7 +81,7 @@ class ForwardSolver:
         if not callable(init):
             z = problem.start(init, self.hparams)
             return z, tuple(v.new_zeros((self.size,) + v.shape) for v in z)
-        lam = _leaves(self.hparams)
+        lam = leaf_dict(self.hparams)
         with torch.enable_grad():  # one call of Phi_0: a random one is drawn once
             params = init(lam)
             params = {k: params[k] for k in problem.keys}
@@ -127,7 +128,7 @@ class ForwardSolver:
 
     def _step(self, t: int):
         """z_t, its tangents and the inner loss: one step with its graph, then m products."""
-        z, lam = leaves(self.z), _leaves(self.hparams)
+        z, lam = leaves(self.z), leaf_dict(self.hparams)
         z_next, loss = self.problem.step(z, lam, t)
         directions = (*self.tangents, *self.basis.values())
         with torch.enable_grad():
@@ -204,10 +205,6 @@ def _products(outputs: list[Tensor], inputs: Flat, directions: Flat, vectorize: 
         for j in range(size)
     ]  # fmt: skip
     return [None if c[0] is None else torch.stack(c) for c in zip(*columns)]
-
-
-def _leaves(hparams: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v.detach().requires_grad_(True) for k, v in hparams.items()}
 
 
 def _basis(hparams: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -33,7 +33,7 @@ from torch import Tensor
 from .. import validate
 from ..errors import SolverWarning
 from . import linear
-from .problem import Flat, Init, InnerProblem, RandomState, detach, evaluate, leaves
+from .problem import Flat, Init, InnerProblem, RandomState, detach, evaluate, leaves, vjp
 
 LinearSolve = Callable[..., tuple[Flat, dict]]
 
@@ -64,19 +64,19 @@ class RootSystem:
 
     def transposed(self, v: Flat) -> Flat:
         """(dF/dw)^T v: one vector-Jacobian product through the kept graph."""
-        return _grad(self.residual, self.w, v, retain_graph=True)
+        return vjp(self.residual, self.w, v, retain_graph=True)
 
     def forward(self, v: Flat) -> Flat:
         """(dF/dw) v, by differentiating the linear map u -> (dF/dw)^T u (double-vjp trick):
         what normal-equation solvers need besides the transposed product."""
         u = tuple(torch.zeros_like(r).requires_grad_(True) for r in self.residual)
         with torch.enable_grad():
-            transposed = _grad(self.residual, self.w, u, retain_graph=True, create_graph=True)
-            return _grad(transposed, u, v, retain_graph=True)
+            transposed = vjp(self.residual, self.w, u, retain_graph=True, create_graph=True)
+            return vjp(transposed, u, v, retain_graph=True)
 
     def pull(self, q: Flat) -> Flat:
         """-(dF/dlambda)^T q: the cotangent on lambda once the system is solved."""
-        return tuple(-g for g in _grad(self.residual, self.lam, q, retain_graph=True))
+        return tuple(-g for g in vjp(self.residual, self.lam, q, retain_graph=True))
 
 
 def pull_back(system: RootSystem, cotangent: Flat, solve: LinearSolve) -> tuple[Flat, dict]:
@@ -93,19 +93,6 @@ def warn_if_inexact(info: dict, advice: str, stacklevel: int = 3) -> None:
             SolverWarning,
             stacklevel=stacklevel,
         )
-
-
-def _grad(outputs, inputs, cotangents, **options) -> Flat:
-    """Vector-Jacobian product with zeros where an input has no path to the outputs."""
-    pairs = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
-    if not inputs:  # no hyperparameters (bilevel.solve may have none)
-        return ()
-    if not pairs:
-        return tuple(torch.zeros_like(x) for x in inputs)
-    grads = torch.autograd.grad(
-        [o for o, _ in pairs], inputs, [c for _, c in pairs], allow_unused=True, **options
-    )
-    return tuple(validate.zeros_if_none(g, x) for g, x in zip(grads, inputs))
 
 
 # -- linear solvers by name ----------------------------------------------------------------

@@ -112,7 +112,7 @@ class InnerProblem:
     def step_detached(self, z: Sequence[Tensor], hparams, t: int) -> tuple[Flat, Tensor]:
         """Phi_t without any graph: the cheapest step, for the parts nobody differentiates."""
         params, state = self.unpack(z)
-        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        leaves = leaf_dict(params)
         loss, grads = self.gradients(leaves, hparams, t, create_graph=False)
         with torch.no_grad():
             new_params, new_state = self.dynamics.step(params, state, grads, hparams, t)
@@ -166,7 +166,7 @@ class InnerProblem:
         with random.restored():
             for t in range(first, first + count):
                 params, state = self.unpack(z)
-                leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+                leaves = leaf_dict(params)
                 drawn = RandomState.capture(z)  # this step's draws, to recompute it in float32
                 loss, grads = self._gradients(leaves, hparams, t, create_graph=False)
                 value = float(loss.detach())
@@ -229,12 +229,22 @@ def leaves(z: Sequence[Tensor]) -> Flat:
     return tuple(v.detach().requires_grad_(True) for v in z)
 
 
-def vjp(outputs: Sequence[Tensor], inputs: Sequence[Tensor], cotangents: Sequence[Tensor]):
-    """Vector-Jacobian product through an existing graph; zeros where no path exists."""
+def leaf_dict(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """`leaves` for a dict: detached copies that require grad, to differentiate from."""
+    return {k: v.detach().requires_grad_(True) for k, v in tensors.items()}
+
+
+def vjp(
+    outputs: Sequence[Tensor], inputs: Sequence[Tensor], cotangents: Sequence[Tensor], **options
+):
+    """Vector-Jacobian product through an existing graph; zeros where no path exists.
+    `options` go to torch.autograd.grad (retain_graph, create_graph)."""
     pairs = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
     wanted = [i for i in inputs if i.requires_grad]
     grads = iter(
-        torch.autograd.grad([o for o, _ in pairs], wanted, [c for _, c in pairs], allow_unused=True)
+        torch.autograd.grad(
+            [o for o, _ in pairs], wanted, [c for _, c in pairs], allow_unused=True, **options
+        )
         if pairs and wanted
         else [None] * len(wanted)
     )

@@ -49,7 +49,6 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-import weakref
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,7 +58,7 @@ import torch
 from torch import Tensor
 
 from .forward import forward
-from .problem import Flat, Init, InnerProblem, RandomState, leaf_dict, leaves
+from .problem import Flat, Init, InnerProblem, RandomState, SavedTensors, leaf_dict, leaves
 from .reverse import reverse
 
 MAX_FORWARD_HPARAMS = 16
@@ -258,16 +257,6 @@ def measure(problem: InnerProblem, init: Init, hparams: Mapping[str, Tensor], st
     )
 
 
-class _Saved:
-    """What a step's graph holds in place of a saved tensor while it is measured; alive
-    exactly as long as the graph keeps the tensor."""
-
-    __slots__ = ("tensor", "__weakref__")
-
-    def __init__(self, tensor: Tensor):
-        self.tensor = tensor
-
-
 def step_graph_bytes(problem: InnerProblem, z0: Flat, lam: Mapping[str, Tensor]):
     """(bytes, count) of the tensors that one more differentiated step saves in a graph kept
     from z0 (see the module): the count includes those whose storage persists (data).
@@ -275,36 +264,15 @@ def step_graph_bytes(problem: InnerProblem, z0: Flat, lam: Mapping[str, Tensor])
     Both steps use t=1 (any T has it); a batch chosen by t is copied per step or a view of
     data that persists, and either is counted as it would be at any t.
     """
-    saved: tuple[weakref.WeakSet, weakref.WeakSet] = (weakref.WeakSet(), weakref.WeakSet())
-    current = saved[0]
-
-    def pack(tensor: Tensor) -> _Saved:
-        record = _Saved(tensor)
-        current.add(record)
-        return record
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda record: record.tensor):
+    first, second = SavedTensors(), SavedTensors()
+    with first.recording():
         z1 = problem.step(leaves(z0), lam, 1)[0]  # the loss is dropped, as in a run
-        current = saved[1]
+    with second.recording():
         z2 = problem.step(z1, lam, 1)[0]
     # both graphs are alive (z2 holds them), so no two storages counted here share an address
-    first, second = _storages(saved[0]), _storages(saved[1])
-    count = len(saved[1])
+    added, count = second.bytes_not_in(first), len(second)
     del z1, z2
-    return sum(size for key, size in second.items() if key not in first), count
-
-
-def _storages(records) -> dict:
-    """{storage: bytes} of the tensors the records hold: views of one storage count once."""
-    found = {}
-    for record in list(records):
-        tensor = record.tensor
-        try:
-            storage = tensor.untyped_storage()
-            found[(tensor.device, storage.data_ptr())] = storage.nbytes()
-        except (RuntimeError, NotImplementedError):  # no plain storage (a wrapper subclass)
-            found[id(tensor)] = _nbytes(tensor)
-    return found
+    return added, count
 
 
 def _nbytes(tensor: Tensor) -> int:

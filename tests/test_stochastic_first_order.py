@@ -23,6 +23,31 @@ def vector(seed, size):
 FULL = {"inner_batch": 64, "outer_batch": 32}
 
 
+def at(problem, name, x, z, v=None, memory=None, **settings):
+    """A solver whose state is (x, z[, v, memory]), and that state."""
+    solver = stochastic.make(name, problem, evaluate_every=10**6, **settings)
+    state = solver.state_dict()
+    state.update(x=x.clone(), z=z.clone())
+    if v is not None:
+        state["v"] = v.clone()
+    state["memory"].update(memory or {})
+    solver.load_state_dict(state)
+    return solver, state
+
+
+def direction(solver, state):
+    """One step from `state`: the direction x moved along (over the step size used)."""
+    solver.step()
+    outer_rate = solver.settings["outer_step"] * solver.iteration ** -solver.settings["outer_decay"]
+    return (state["x"] - solver.x["x"]) / outer_rate
+
+
+def closed_forms(problem, x, z):
+    """(grad_x F, grad_z F) at (x, z), and the full-batch A, B (grad_z G = A z - B x)."""
+    A, B, C = problem.A_mean, problem.B_mean, problem.C_mean
+    return problem.mu_outer * x + problem.e_mean, C @ z - problem.r, A, B
+
+
 # -- the new primitives ---------------------------------------------------------------------
 
 
@@ -46,3 +71,31 @@ def test_gaussian_draws_are_seeded_and_resumable():
     sampler.load_state_dict(state)
     assert torch.equal(sampler.gaussian(4, 3, torch.float64), first)
     assert not torch.equal(sampler.gaussian(4, 3, torch.float64), first)
+
+
+# -- F2SA: the penalty direction --------------------------------------------------------------
+
+
+def test_f2sa_direction_approaches_grad_h_as_the_penalty_grows(problem):
+    """At z = z*(x) and y = y*_lam(x) = argmin F/lam + G (fixed points of the inner loop), full
+    batches, constant lam: the direction is grad_x F - lam B^T (y - z) exactly, and its error
+    to grad h falls as 1/lam: lam * error / ||grad h|| = 1.98, 2.67, 2.76 at lam = 10, 100,
+    1000 (first order in 1/lam, constant 2.8); v = lam (y - z) approaches v*(x) alike
+    (lam * relative error 2.61, 3.49, 3.61)."""
+    x = problem.minimiser + 4 * vector(5, 3)
+    z_star = problem.inner_solution(x)
+    outer_x, _, A, B = closed_forms(problem, x, z_star)
+    exact, scaled, scaled_v = problem.gradient(x), [], []
+    for lam in (10.0, 100.0, 1000.0):
+        y = torch.linalg.solve(A + problem.C_mean / lam, B @ x + problem.r / lam)
+        settings = dict(penalty=lam, inner_steps=2, inner_step=1.0, outer_step=0.5, **FULL)
+        solver, state = at(problem, "f2sa", x, z_star, memory={"y": y}, **settings)
+        found = direction(solver, state)
+        torch.testing.assert_close(found, outer_x - lam * B.T @ (y - z_star), rtol=1e-9, atol=0)
+        torch.testing.assert_close(solver.v["z"], lam * (y - z_star), rtol=1e-9, atol=0)
+        error = torch.linalg.vector_norm(found - exact) / torch.linalg.vector_norm(exact)
+        scaled.append(float(lam * error))
+        v_star = problem.linear_solution(x)
+        scaled_v.append(float(lam * (solver.v["z"] - v_star).norm() / v_star.norm()))
+    assert scaled == pytest.approx([1.98, 2.67, 2.76], abs=0.01)
+    assert scaled_v == pytest.approx([2.61, 3.49, 3.61], abs=0.01)

@@ -13,6 +13,7 @@ Hessian- and Jacobian-vector products (autograd; no matrix is formed). `SOLVERS`
 from __future__ import annotations
 
 from .amigo import AmIGO
+from .f2sa import F2SA
 from .problem import Sampler, StochasticProblem
 from .problems import QuadraticProblem
 from .saba import SABA
@@ -21,7 +22,7 @@ from .solver import DivergenceError, StochasticSolver
 from .stocbio import StocBiO
 
 SOLVERS: dict[str, type[StochasticSolver]] = {
-    solver.name: solver for solver in (SOBA, MASOBA, SABA, AmIGO, StocBiO)
+    solver.name: solver for solver in (SOBA, MASOBA, SABA, AmIGO, StocBiO, F2SA)
 }
 
 
@@ -65,4 +66,5 @@ __all__ = [
     "StochasticProblem",
     "StochasticSolver",
     "make",
+    "F2SA",
 ]

@@ -99,3 +99,53 @@ def test_f2sa_direction_approaches_grad_h_as_the_penalty_grows(problem):
         scaled_v.append(float(lam * (solver.v["z"] - v_star).norm() / v_star.norm()))
     assert scaled == pytest.approx([1.98, 2.67, 2.76], abs=0.01)
     assert scaled_v == pytest.approx([2.61, 3.49, 3.61], abs=0.01)
+
+
+# -- BOME: the dynamic barrier -----------------------------------------------------------------
+
+
+def bome_step(problem, x, y, rho, steps, eta):
+    """BOME's full-batch direction on (x, y) and its multiplier, by the closed forms."""
+    A, B = problem.A_mean, problem.B_mean
+    theta = y.clone()
+    for _ in range(steps):
+        theta = theta - rho * (A @ theta - B @ x)
+    outer_x, outer_z, _, _ = closed_forms(problem, x, y)
+    objective = torch.cat([outer_x, outer_z])
+    constraint = torch.cat([-B.T @ (y - theta), A @ y - B @ x])  # grad q^ in (x, y)
+    squared = constraint @ constraint
+    lam = max(float(eta * squared - objective @ constraint), 0.0) / float(squared)
+    return objective + lam * constraint, constraint, lam
+
+
+@pytest.mark.parametrize("offset, eta, active", [(0.3, 2.0, True), (None, 0.7, False)])
+def test_bome_moves_x_and_y_along_the_dynamic_barrier_direction(problem, offset, eta, active):
+    """Full batches: x and y move along grad F + lam grad q^ (closed forms) with lam from the
+    barrier rule, so the step decreases q^ at least at rate phi = eta ||grad q^||^2: exactly
+    phi where the barrier is active (lam > 0: y = z*(x) + 0.3 u here), more where grad F
+    alone already does (lam = 0: a random y)."""
+    x = vector(6, 3)
+    y = vector(7, 5) if offset is None else problem.inner_solution(x) + offset * vector(9, 5)
+    settings = {"inner_step": 2.5, "outer_step": 0.1, "inner_steps": 4, "eta": eta, **FULL}
+    solver, state = at(problem, "bome", x, y, **settings)
+    found = torch.cat([direction(solver, state), (state["z"] - solver.z["z"]) / 0.1])
+    expected, constraint, lam = bome_step(problem, x, y, 2.5, 4, eta)
+    torch.testing.assert_close(found, expected, rtol=1e-10, atol=1e-12)
+    assert solver.multiplier == pytest.approx(lam, rel=1e-10, abs=0) and (lam > 0) == active
+    phi = eta * float(constraint @ constraint)
+    if active:
+        assert float(found @ constraint) == pytest.approx(phi, rel=1e-10)
+    else:
+        assert float(found @ constraint) > phi
+
+
+def test_bome_at_the_inner_solution_follows_grad_f(problem):
+    """At y = z*(x), theta_T = y: grad q^ is zero, lam = 0 and (x, y) move along grad F."""
+    x = vector(6, 3)
+    z_star = problem.inner_solution(x)
+    settings = {"inner_step": 2.5, "outer_step": 0.1, "inner_steps": 4, **FULL}
+    solver, state = at(problem, "bome", x, z_star, **settings)
+    outer_x, outer_z, _, _ = closed_forms(problem, x, z_star)
+    torch.testing.assert_close(direction(solver, state), outer_x, rtol=1e-10, atol=1e-12)
+    assert solver.multiplier == 0.0
+    torch.testing.assert_close(solver.z["z"], z_star - 0.1 * outer_z, rtol=1e-10, atol=1e-12)

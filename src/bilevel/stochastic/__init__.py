@@ -13,6 +13,7 @@ Hessian- and Jacobian-vector products (autograd; no matrix is formed). `SOLVERS`
 from __future__ import annotations
 
 from .amigo import AmIGO
+from .bome import BOME
 from .f2sa import F2SA
 from .problem import Sampler, StochasticProblem
 from .problems import QuadraticProblem
@@ -22,7 +23,7 @@ from .solver import DivergenceError, StochasticSolver
 from .stocbio import StocBiO
 
 SOLVERS: dict[str, type[StochasticSolver]] = {
-    solver.name: solver for solver in (SOBA, MASOBA, SABA, AmIGO, StocBiO, F2SA)
+    solver.name: solver for solver in (SOBA, MASOBA, SABA, AmIGO, StocBiO, F2SA, BOME)
 }
 
 
@@ -67,4 +68,5 @@ __all__ = [
     "StochasticSolver",
     "make",
     "F2SA",
+    "BOME",
 ]

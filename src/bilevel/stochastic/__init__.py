@@ -17,13 +17,14 @@ from .bome import BOME
 from .f2sa import F2SA
 from .problem import Sampler, StochasticProblem
 from .problems import QuadraticProblem
+from .pzobo import PZOBO
 from .saba import SABA
 from .soba import MASOBA, SOBA
 from .solver import DivergenceError, StochasticSolver
 from .stocbio import StocBiO
 
 SOLVERS: dict[str, type[StochasticSolver]] = {
-    solver.name: solver for solver in (SOBA, MASOBA, SABA, AmIGO, StocBiO, F2SA, BOME)
+    solver.name: solver for solver in (SOBA, MASOBA, SABA, AmIGO, StocBiO, F2SA, BOME, PZOBO)
 }
 
 
@@ -69,4 +70,5 @@ __all__ = [
     "make",
     "F2SA",
     "BOME",
+    "PZOBO",
 ]

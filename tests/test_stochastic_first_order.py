@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import bilevel
 from bilevel import stochastic
 
 
@@ -81,6 +82,70 @@ def test_gaussian_draws_are_seeded_and_resumable():
     sampler.load_state_dict(state)
     assert torch.equal(sampler.gaussian(4, 3, torch.float64), first)
     assert not torch.equal(sampler.gaussian(4, 3, torch.float64), first)
+
+
+# -- the engine's references: exact hypergradients ------------------------------------------
+
+REFERENCE = {"inner_step": 2.5, "outer_step": 1.0, **FULL}  # A's eigenvalues: 0.30 .. 0.43
+
+
+@pytest.mark.parametrize("name", ["unrolled", "implicit"])
+def test_references_give_grad_h_where_the_inner_problem_is_solved(problem, name):
+    """From z = z*(x), full batches: the direction is grad h(x) to rounding (unrolled: up to
+    ||(I - rho A)^T|| <= 0.25^15 = 1e-9 of its implicit part)."""
+    x = problem.minimiser + 4 * vector(5, 3)
+    solver, state = at(problem, name, x, problem.inner_solution(x), inner_steps=15, **REFERENCE)
+    exact = problem.gradient(x)
+    torch.testing.assert_close(direction(solver, state), exact, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(solver.z["z"], problem.inner_solution(x), rtol=1e-12, atol=1e-13)
+
+
+def test_unrolled_is_the_gradient_of_the_truncated_problem_anywhere(problem):
+    """From any z, T = 3: the direction is grad_x F + (dz_T/dx)^T grad_z F at z_T, with
+    dz_T/dx = (I - (I - rho A)^T) dz*/dx (z_0 held constant: the warm start)."""
+    x, z = vector(6, 3), vector(7, 5)
+    solver, state = at(problem, "unrolled", x, z, inner_steps=3, **REFERENCE)
+    z_T, jacobian = truncated_run(problem, x, z, 2.5, 3)
+    outer_x, outer_z, _, _ = closed_forms(problem, x, z_T)
+    torch.testing.assert_close(
+        direction(solver, state), outer_x + jacobian.T @ outer_z, rtol=1e-11, atol=1e-12
+    )
+    torch.testing.assert_close(solver.z["z"], z_T, rtol=1e-12, atol=1e-13)
+
+
+def test_implicit_anywhere_and_its_warm_started_conjugate_gradient(problem):
+    """From any z, T = 3: grad_x F + B^T q with A q = grad_z F at z_T (d2_xz G = -B^T), and
+    v = -q; the same as
+    the engine's own implicit-cg (cold CG) at that point. Warm-started from v*(x) at z*(x), CG
+    needs no iteration; from v = 0, some."""
+    x, z = vector(6, 3), vector(7, 5)
+    solver, state = at(problem, "implicit", x, z, inner_steps=3, **REFERENCE)
+    found = direction(solver, state)
+    z_T, _ = truncated_run(problem, x, z, 2.5, 3)
+    outer_x, outer_z, A, B = closed_forms(problem, x, z_T)
+    q = torch.linalg.solve(A, outer_z)
+    torch.testing.assert_close(found, outer_x + B.T @ q, rtol=1e-10, atol=1e-11)
+    torch.testing.assert_close(solver.v["z"], -q, rtol=1e-9, atol=1e-11)
+
+    everything_in, everything_out = torch.arange(64), torch.arange(32)
+    engine = bilevel.hypergradient(
+        lambda p, h: problem.inner(h, p, everything_in),
+        lambda p, h: problem.outer(h, p, everything_out),
+        {"z": z.clone()},
+        {"x": x.clone().requires_grad_(True)},
+        bilevel.sgd(lr=2.5),
+        3,
+        method="implicit-cg",
+    )
+    torch.testing.assert_close(found, engine.grads["x"], rtol=1e-10, atol=1e-11)
+
+    x = problem.minimiser + 4 * vector(5, 3)
+    z_star, v_star = problem.inner_solution(x), problem.linear_solution(x)
+    for v, iterations in ((v_star, 0), (torch.zeros(5, dtype=torch.float64), 5)):
+        solver, state = at(problem, "implicit", x, z_star, v, inner_steps=2, **REFERENCE)
+        torch.testing.assert_close(direction(solver, state), problem.gradient(x), rtol=1e-9, atol=0)
+        assert solver.linear_info["iterations"] == iterations
+        assert solver.linear_info["residual"] < 1e-10
 
 
 # -- F2SA: the penalty direction --------------------------------------------------------------

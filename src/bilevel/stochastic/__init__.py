@@ -15,6 +15,7 @@ from __future__ import annotations
 from .amigo import AmIGO
 from .bome import BOME
 from .f2sa import F2SA
+from .implicit import Implicit
 from .problem import Sampler, StochasticProblem
 from .problems import QuadraticProblem
 from .pzobo import PZOBO
@@ -22,9 +23,11 @@ from .saba import SABA
 from .soba import MASOBA, SOBA
 from .solver import DivergenceError, StochasticSolver
 from .stocbio import StocBiO
+from .unrolled import Unrolled
 
 SOLVERS: dict[str, type[StochasticSolver]] = {
-    solver.name: solver for solver in (SOBA, MASOBA, SABA, AmIGO, StocBiO, F2SA, BOME, PZOBO)
+    solver.name: solver
+    for solver in (SOBA, MASOBA, SABA, AmIGO, StocBiO, F2SA, BOME, PZOBO, Unrolled, Implicit)
 }
 
 
@@ -71,4 +74,6 @@ __all__ = [
     "F2SA",
     "BOME",
     "PZOBO",
+    "Unrolled",
+    "Implicit",
 ]

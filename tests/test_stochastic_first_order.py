@@ -10,6 +10,12 @@ import torch
 
 import bilevel
 from bilevel import stochastic
+from tests.test_stochastic import RESUME_SETTINGS
+from tests.test_stochastic import (
+    test_a_killed_run_continues_with_the_same_numbers as resumes_exactly,
+)
+
+NAMES = ["f2sa", "bome", "pzobo", "unrolled", "implicit"]
 
 
 @pytest.fixture(scope="module")
@@ -253,3 +259,126 @@ def test_pzobo_direction_is_the_truncated_hypergradient_in_expectation(problem):
     bias = torch.linalg.vector_norm(expected - exact) / torch.linalg.vector_norm(exact)
     assert 0 < bias < 0.25**4
     assert float(error.max()) < 0.1 * float(exact.abs().max())  # the test can tell a bias
+
+
+# -- convergence -------------------------------------------------------------------------------
+
+MINIBATCH_REFERENCE = dict(inner_step=1.5, outer_step=2.0, outer_decay=0.6)
+F2SA = dict(inner_step=1.0, outer_step=1.0, inner_steps=3, penalty=10.0, penalty_growth=0.5)
+CONVERGENCE = {
+    # case: (solver, settings, iterations, tolerance on ||x - x*|| / ||x*||), batches of 32
+    # unless FULL; the comment: the errors measured over solver seeds 0-4
+    "f2sa": ("f2sa", dict(**F2SA, inner_decay=0.4, outer_decay=0.6), 300, 0.05),  # 1.0-2.7%
+    # one step xi on (x, y): h's slow rate xi mu_h, and a floor that shrinks with xi
+    "bome": ("bome", dict(inner_step=2.5, outer_step=0.1, inner_steps=3), 400, 0.15),  # 7.6-12%
+    "pzobo": (
+        "pzobo",
+        dict(inner_step=2.5, outer_step=2.0, inner_steps=4, directions=2, outer_decay=0.6),
+        300,
+        0.1,  # 1.8-7.0%
+    ),
+    # full batches (deterministic): unrolled's floor is its truncation, (I - rho A)^10
+    "unrolled-full": ("unrolled", dict(REFERENCE, outer_step=3.0, inner_steps=10), 40, 1e-5),
+    "implicit-full": ("implicit", dict(REFERENCE, outer_step=3.0, inner_steps=3), 40, 1e-8),
+    "unrolled-minibatch": ("unrolled", dict(MINIBATCH_REFERENCE, inner_steps=5), 100, 0.05),
+    "implicit-minibatch": ("implicit", dict(MINIBATCH_REFERENCE, inner_steps=3), 100, 0.05),
+}  # measured: unrolled 2.9e-7 and 1.0-3.2%, implicit 2.3e-11 and 0.5-2.5%
+
+
+@pytest.mark.parametrize("case", list(CONVERGENCE))
+def test_every_solver_converges_to_the_minimiser_of_the_value_function(problem, case):
+    name, settings, iterations, tolerance = CONVERGENCE[case]
+    settings = {"inner_batch": 32, "outer_batch": 32, **settings}
+    solver = stochastic.make(name, problem, evaluate_every=iterations, **settings)
+    (last,) = solver.run(iterations)
+    error = torch.linalg.vector_norm(solver.x["x"] - problem.minimiser)
+    assert float(error / torch.linalg.vector_norm(problem.minimiser)) < tolerance
+    assert last["distance"] == pytest.approx(float(error), rel=1e-12)
+
+
+# -- resumption and samples ------------------------------------------------------------------
+
+SMALL = {
+    "f2sa": {"inner_steps": 2, "penalty": 5.0, "penalty_growth": 0.5},
+    "bome": {"inner_steps": 2},
+    "pzobo": {"inner_steps": 2, "directions": 2},
+    "unrolled": {"inner_steps": 2},
+    "implicit": {"inner_steps": 2},
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_killed_run_continues_with_the_same_numbers(problem, name, monkeypatch):
+    """test_stochastic's check, with these solvers' settings: 10 steps, a checkpoint, then 20
+    more uninterrupted and 20 from the checkpoint in a new solver with another seed give equal
+    iterates (x, z, v; F2SA's y through v = lam (y - z)), history and samples."""
+    monkeypatch.setitem(RESUME_SETTINGS, name, SMALL[name])
+    resumes_exactly(problem, name)
+
+
+@pytest.mark.parametrize(
+    "name, inner, outer",
+    [  # per iteration with T = 2 inner steps, inner batch 4, outer batch 3
+        ("f2sa", 2 * (2 * 4) + 2 * 4, 2 * 3 + 3),  # z and y share a batch; x: g at y and z
+        ("bome", 2 * 4 + 2 * 4, 3),  # theta's steps; grad q^ at y and theta_T
+        ("pzobo", (2 + 1) * 2 * 4, 3),  # Q = 2 perturbed trajectories and the unperturbed
+        ("unrolled", 2 * 4, 3),
+        ("implicit", 2 * 4 + 4, 3),  # the system's gradient at z_T
+    ],
+)
+def test_samples_are_counted_as_documented(problem, name, inner, outer):
+    settings = {"inner_step": 0.5, "outer_step": 0.3, "inner_batch": 4, "outer_batch": 3}
+    solver = stochastic.make(name, problem, evaluate_every=10**6, **settings, **SMALL[name])
+    solver.run(3)
+    assert solver.samples == {"inner": 3 * inner, "outer": 3 * outer}
+
+
+# -- errors: one clear line each -----------------------------------------------------------
+
+GOOD = {"inner_step": 0.5, "outer_step": 0.1}
+
+
+@pytest.mark.parametrize(
+    "name, settings, error, words",
+    [
+        ("f2sa", {"penalty": 0}, ValueError, "f2sa: penalty must be a number > 0, got 0"),
+        ("f2sa", {"penalty_growth": -1}, ValueError, "f2sa: penalty_growth must be a number >= 0"),
+        ("f2sa", {"inner_steps": 0}, ValueError, "f2sa: inner_steps must be an integer >= 1"),
+        ("bome", {"eta": float("nan")}, ValueError, "bome: eta must be a number > 0, got nan"),
+        ("bome", {"inner_steps": 1.5}, TypeError, "bome: inner_steps must be an integer >= 1"),
+        ("pzobo", {"perturbation": -0.1}, ValueError, "pzobo: perturbation must be a number > 0"),
+        ("pzobo", {"directions": 0}, ValueError, "pzobo: directions must be an integer >= 1"),
+        ("unrolled", {"inner_batch": 65}, ValueError, "unrolled: inner_batch=65 is larger than"),
+        ("implicit", {"cg_iterations": 0}, ValueError, "implicit: cg_iterations must be an integ"),
+        ("implicit", {"cg_tolerance": -1.0}, ValueError, "implicit: cg_tolerance must be a numb"),
+        ("implicit", {"outer_step": 0}, ValueError, "implicit: outer_step must be a number > 0"),
+        (
+            "bome",
+            {"linear_step": 0.1},
+            TypeError,
+            "unknown setting 'linear_step' for solver 'bome'",
+        ),
+        ("pzobo", {"penalty": 1.0}, TypeError, "unknown setting 'penalty' for solver 'pzobo'"),
+    ],
+)
+def test_bad_settings_are_one_clear_line(problem, name, settings, error, words):
+    with pytest.raises(error) as caught:
+        stochastic.make(name, problem, **{**GOOD, **settings})
+    message = str(caught.value)
+    assert "\n" not in message and words in message
+
+
+@pytest.mark.parametrize("solver", [stochastic.BOME, stochastic.PZOBO, stochastic.Implicit])
+def test_a_step_size_that_does_not_apply_is_refused_not_ignored(problem, solver):
+    with pytest.raises(TypeError) as caught:
+        solver(problem, linear_step=0.1, **GOOD)
+    assert str(caught.value) == (
+        f"{solver.name}: linear_step does not apply ({solver.name} takes no step on a linear "
+        "system)"
+    )
+
+
+def test_the_solvers_are_registered():
+    assert set(NAMES) <= set(stochastic.SOLVERS)
+    for name in NAMES:
+        assert stochastic.SOLVERS[name].name == name

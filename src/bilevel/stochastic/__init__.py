@@ -13,15 +13,21 @@ Hessian- and Jacobian-vector products (autograd; no matrix is formed). `SOLVERS`
 from __future__ import annotations
 
 from .amigo import AmIGO
+from .bome import BOME
+from .f2sa import F2SA
+from .implicit import Implicit
 from .problem import Sampler, StochasticProblem
 from .problems import QuadraticProblem
+from .pzobo import PZOBO
 from .saba import SABA
 from .soba import MASOBA, SOBA
 from .solver import DivergenceError, StochasticSolver
 from .stocbio import StocBiO
+from .unrolled import Unrolled
 
 SOLVERS: dict[str, type[StochasticSolver]] = {
-    solver.name: solver for solver in (SOBA, MASOBA, SABA, AmIGO, StocBiO)
+    solver.name: solver
+    for solver in (SOBA, MASOBA, SABA, AmIGO, StocBiO, F2SA, BOME, PZOBO, Unrolled, Implicit)
 }
 
 
@@ -65,4 +71,9 @@ __all__ = [
     "StochasticProblem",
     "StochasticSolver",
     "make",
+    "F2SA",
+    "BOME",
+    "PZOBO",
+    "Unrolled",
+    "Implicit",
 ]

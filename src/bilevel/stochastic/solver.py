@@ -113,9 +113,9 @@ class StochasticSolver:
     @classmethod
     def accepted_settings(cls) -> tuple[list[str], list[str]]:
         """(every setting's name, those without a default), from the constructors' keyword-only
-        parameters (a subclass's own, then the common ones it passes on)."""
+        parameters (a subclass's own, its bases', then the common ones it passes on)."""
         names, required = [], []
-        for klass in (cls, StochasticSolver):
+        for klass in cls.__mro__[: cls.__mro__.index(StochasticSolver) + 1]:
             for p in inspect.signature(klass.__init__).parameters.values():
                 if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in names:
                     names.append(p.name)

@@ -13,15 +13,21 @@ Hessian- and Jacobian-vector products (autograd; no matrix is formed). `SOLVERS`
 from __future__ import annotations
 
 from .amigo import AmIGO
+from .fsla import FSLA
+from .momentum import MRBO, SUSTAIN
 from .problem import Sampler, StochasticProblem
 from .problems import QuadraticProblem
 from .saba import SABA
 from .soba import MASOBA, SOBA
 from .solver import DivergenceError, StochasticSolver
+from .srba import SRBA
 from .stocbio import StocBiO
+from .ttsa import BSA, TTSA
+from .vrbo import VRBO
 
 SOLVERS: dict[str, type[StochasticSolver]] = {
-    solver.name: solver for solver in (SOBA, MASOBA, SABA, AmIGO, StocBiO)
+    solver.name: solver
+    for solver in (SOBA, MASOBA, SABA, AmIGO, StocBiO, TTSA, BSA, MRBO, VRBO, SRBA, SUSTAIN, FSLA)
 }
 
 
@@ -65,4 +71,11 @@ __all__ = [
     "StochasticProblem",
     "StochasticSolver",
     "make",
+    "TTSA",
+    "BSA",
+    "MRBO",
+    "VRBO",
+    "SRBA",
+    "SUSTAIN",
+    "FSLA",
 ]

@@ -144,8 +144,8 @@ class StochasticSolver:
         self.samples["inner"] += size
         return self.sampler.batch(self.problem.n_inner, size).to(self.problem.device)
 
-    def _draw_outer(self) -> Tensor:
-        size = self.settings["outer_batch"]
+    def _draw_outer(self, size: int | None = None) -> Tensor:
+        size = self.settings["outer_batch"] if size is None else size
         self.samples["outer"] += size
         return self.sampler.batch(self.problem.n_outer, size).to(self.problem.device)
 

@@ -9,6 +9,7 @@ import torch
 
 from ...data import ClassSet
 from ..common import seed_everything
+from . import weights
 from .config import EPISODE_KEYS, TEST_KEYS, FewshotConfig
 from .data import class_sets, episodes
 from .identity import as_trained, load_checkpoint
@@ -28,6 +29,8 @@ def test_overrides(assignments) -> None:
 
 
 def run_test(config: FewshotConfig, run, data_dir, source: Path, mode: str) -> None:
+    """Test the network of ``source``: a training run directory (its best network) or a
+    weights file (bilevel.app.experiments.fewshot.weights)."""
     seed_everything(config.seed)
     learner = _trained(config, Path(source), mode, run)
     test = class_sets(config, data_dir, ("test",))["test"]
@@ -76,14 +79,18 @@ def accuracy_by_steps(config: FewshotConfig, learner: Learner, test: ClassSet) -
 
 
 def _trained(config: FewshotConfig, source: Path, mode: str, run) -> Learner:
-    """The network of ``source``'s best validation (its last checkpoint if it never validated)."""
-    path = source / BEST if (source / BEST).is_file() else source / CHECKPOINT
-    trained, _ = training_run(source)  # the episodes it was trained on, for its identity
-    state = load_checkpoint(path, as_trained(config, trained), mode)
-    weights = {k: v for k, v in state["learner"].items() if not k.startswith("classifier.")}
-    learner = Learner(config)
-    learner.load_state_dict(weights)
-    progress = state["progress"]
+    """The network of ``source``'s best validation (its last checkpoint if it never validated),
+    or of the weights file ``source``."""
+    if source.is_file():
+        learner, progress = weights.load_learner(source, config)
+        path = source
+    else:
+        path = source / BEST if (source / BEST).is_file() else source / CHECKPOINT
+        trained, _ = training_run(source)  # the episodes it was trained on, for its identity
+        state = load_checkpoint(path, as_trained(config, trained), mode)
+        learner = Learner(config)
+        learner.load_state_dict(weights.network_state(state["learner"]))
+        progress = state["progress"]
     run.update(
         checkpoint=str(path),
         trained_iterations=progress["iteration"],

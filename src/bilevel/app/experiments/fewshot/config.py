@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, get_args
 
 from pydantic import Field, model_validator
 
@@ -32,9 +32,9 @@ ADDED_LATER = {"init_from": None, "feature_norm": None}
 # Episode settings a test may change: a representation trained on 5-way episodes tested on
 # 20-way ones, or a classical network on every cell.
 EPISODE_KEYS = frozenset({"ways", "shots", "queries"})
-# How an episode's images meet batch norm outside training (learners.episode_features).
-BATCH_NORM_MODES = ("transductive", "separate", "running")
+# How an episode's images meet batch norm outside training (learners._episode_features).
 BatchNormMode = Literal["transductive", "separate", "running"]
+BATCH_NORM_MODES = get_args(BatchNormMode)
 _BATCH_NORM_HELP = (
     "transductive: each episode's support+query images form one batch-norm batch (its own "
     "statistics; as train_batch_norm=episode trains); separate: the support images one batch, "

@@ -96,7 +96,7 @@ def export_run(
         "run_config": json.loads((run_dir / "config.json").read_text()),
         "training": _training(run_dir, state["progress"], hardware),
         "row": row,
-        "measured_on": f"{_machine()}; {torch.get_num_threads()} torch threads",
+        "measured_on": f"{_machine()}; torch threads: {torch.get_num_threads()}",
         "test": f"bilevel fewshot test {name}" + " (--set ways=N --set shots=K for another cell)",
     }
     record(weights_dir, entry)
@@ -164,8 +164,9 @@ def _training(run_dir: Path, progress: dict, hardware: str) -> dict:
         "best_val_accuracy": best_so_far(progress)["best_val_accuracy"],
         "best_val_ci95": best_so_far(progress)["best_val_ci95"],
         "stopped": summary.get("stopped"),
-        "seconds_to_network": seconds,  # iterations and validations as metrics.jsonl records
-        "wall_seconds": summary.get("wall_seconds"),  # the last session's, resumed or not
+        # wall time the run recorded for its iterations and validations up to this network
+        "recorded_seconds_to_network": seconds,
+        "wall_seconds_of_last_session": summary.get("wall_seconds"),  # summary.json's
         "hardware": hardware,
     }
 

@@ -347,6 +347,9 @@ TEST_SETTINGS = [
     ("test_steps", [2]),
     ("test_classes", 30),
     ("device", "cpu"),
+    ("memory_format", "contiguous"),  # the throughput settings (test_fewshot_speed.py)
+    ("fused_blocks", False),
+    ("episodes_on_device", True),
     ("ways", 3),
     ("shots", 2),
     ("queries", 4),
@@ -424,7 +427,7 @@ def test_a_run_written_before_val_batch_norm_still_tests_and_resumes(trained, tm
 def test_test_command_refuses_training_settings(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"experiment": "fewshot-train", "config": {}}))
     result = in_process("fewshot", "test", tmp_path, "--set", "inner_steps=3")
-    assert result.exit_code == 2 and "--set inner_steps: only device, queries" in result.output
+    assert result.exit_code == 2 and "--set inner_steps: only device, episodes_on_" in result.output
 
 
 # --- the learner, in process ----------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Data sets and the machinery to find, verify and fetch their files."""
 
-from .episodes import ClassSet, Episodes, EpisodeSampler
+from .episodes import ClassSet, DeviceEpisodeSampler, Episodes, EpisodeSampler
 from .miniimagenet import MiniImageNetData, load_miniimagenet, miniimagenet_split
 from .mnist import Split, load_mnist
 from .omniglot import OmniglotData, load_omniglot, omniglot_split
@@ -9,6 +9,7 @@ from .store import DataError, cache_root, data_root, download, ensure_file, sha2
 __all__ = [
     "ClassSet",
     "DataError",
+    "DeviceEpisodeSampler",
     "EpisodeSampler",
     "Episodes",
     "MiniImageNetData",

@@ -9,6 +9,7 @@ once with numpy fancy indexing, so sampling stays far below the cost of a traini
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -16,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-__all__ = ["ClassSet", "Episodes", "EpisodeSampler"]
+__all__ = ["ClassSet", "DeviceEpisodeSampler", "Episodes", "EpisodeSampler"]
 
 
 @dataclass(frozen=True)
@@ -143,8 +144,8 @@ class EpisodeSampler:
         b, n, k = self.batch_size, self.ways, self.shots
         classes = np.stack([self.rng.choice(len(self.classes), n, replace=False) for _ in range(b)])
         order = self.rng.random((b, n, self.classes.examples_per_class)).argsort(-1)
-        support = self._to_float(self.classes.gather(classes, order[..., :k]))
-        query = self._to_float(self.classes.gather(classes, order[..., k : k + self.queries]))
+        support = self._images(classes, order[..., :k])
+        query = self._images(classes, order[..., k : k + self.queries])
         return Episodes(
             support.reshape(b, n * k, *support.shape[3:]),
             self._support_y.clone(),
@@ -178,6 +179,10 @@ class EpisodeSampler:
             "batch_size": self.batch_size,
         }
 
+    def _images(self, classes: np.ndarray, examples: np.ndarray) -> torch.Tensor:
+        """float32 [B, N, m, C, H, W] of ``classes`` [B, N] at ``examples`` [B, N, m]."""
+        return self._to_float(self.classes.gather(classes, examples))
+
     def _to_float(self, images: np.ndarray) -> torch.Tensor:
         """uint8 [B, N, m, H, W(, C)] to float32 [B, N, m, C, H, W].
 
@@ -192,6 +197,49 @@ class EpisodeSampler:
         if shift.any():
             out -= shift
         return torch.from_numpy(out)
+
+
+class DeviceEpisodeSampler(EpisodeSampler):
+    """An EpisodeSampler whose class set lives on ``device`` as uint8 (a GPU: the whole split
+    in its memory, a few hundred MB for mini-ImageNet's training classes).
+
+    The draws are the host sampler's (the same numpy generator, so the same episodes and
+    ``state_dict``); only the gather, the quarter turns and the scaling to float32 run on the
+    device, as the same float32 operations (multiply, then subtract), so the pixels equal the
+    host sampler's. Images come as [B, n, C, H, W] views of [B, n, H, W, C] memory: the
+    channels_last layout a convolution prefers.
+    """
+
+    def __init__(self, *args, device: torch.device | str = "cpu", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.device = torch.device(device)
+        with warnings.catch_warnings():  # a read-only memory map: never written through
+            warnings.simplefilter("ignore", UserWarning)
+            pixels = torch.from_numpy(np.asarray(self.classes.images))
+        self._pixels = pixels.to(self.device)
+        self._base = torch.from_numpy(self.classes.base).to(self.device)
+        scale, shift = self._affine  # [C, 1, 1]: one value per channel
+        self._scale = torch.from_numpy(scale.reshape(-1)).to(self.device)
+        self._shift = torch.from_numpy(shift.reshape(-1)).to(self.device) if shift.any() else None
+        self._support_y = self._support_y.to(self.device)
+        self._query_y = self._query_y.to(self.device)
+
+    def _images(self, classes: np.ndarray, examples: np.ndarray) -> torch.Tensor:
+        index = torch.from_numpy(classes).to(self.device)
+        picked = self._pixels[self._base[index][..., None], torch.from_numpy(examples).to(index)]
+        grey = self._pixels.dim() == 4
+        turns = self.classes.rotation[classes]  # decided on the host: no device sync
+        for k in (1, 2, 3):
+            mask = turns == k
+            if mask.any():
+                where = torch.from_numpy(mask).to(self.device)
+                picked[where] = torch.rot90(picked[where], k, (-2, -1) if grey else (-3, -2))
+        x = picked.to(torch.float32)
+        x = x[..., None] if grey else x  # [..., H, W, C]
+        x = x * self._scale
+        if self._shift is not None:
+            x = x - self._shift
+        return x.permute(*range(x.dim() - 3), -1, -3, -2)
 
 
 def _normaliser(

@@ -21,14 +21,17 @@ IMAGES = {"omniglot": (1, 28), "miniimagenet": (3, 84)}  # channels, side
 # Settings that change neither the training trajectory nor its checkpoints: a run may be
 # resumed with a larger budget, and tested with other test settings. (Meta-validation has its
 # own batch-norm mode, val_batch_norm, which is hashed: it decides which network is best.pt
-# and when training stops early.)
-TEST_KEYS = frozenset(
+# and when training stops early.) The throughput settings (speed.py) change no number beyond
+# float32 rounding, so they are test settings too; representation_precision="bf16" changes
+# the numbers and is hashed.
+SPEED_KEYS = frozenset({"memory_format", "fused_blocks", "episodes_on_device"})
+TEST_KEYS = SPEED_KEYS | frozenset(
     {"test_classes", "test_episodes", "test_steps", "test_batch_norm", "test_seed", "device"}
 )
 NOT_HASHED = TEST_KEYS | {"iterations", "checkpoint_every"}
 # Settings added after runs were checkpointed, with the value that means "not used": at that
 # value they are left out of a checkpoint's identity, so the earlier runs still load.
-ADDED_LATER = {"init_from": None, "feature_norm": None}
+ADDED_LATER = {"init_from": None, "feature_norm": None, "representation_precision": "fp32"}
 # Episode settings a test may change: a representation trained on 5-way episodes tested on
 # 20-way ones, or a classical network on every cell.
 EPISODE_KEYS = frozenset({"ways", "shots", "queries"})
@@ -111,6 +114,30 @@ class FewshotConfig(ExperimentConfig):
         f"{_BATCH_NORM_HELP}",
     )
     test_seed: int = Field(1, ge=0, description="seed of the test episodes")
+    # throughput (speed.py; measured in docs/experiments.md, "Throughput")
+    memory_format: Literal["auto", "channels_last", "contiguous"] = Field(
+        "auto",
+        description="memory layout of the network's activations: channels_last (faster on a "
+        "CPU) or contiguous (NCHW); auto: channels_last on a CPU, contiguous on a GPU (not "
+        "measured there). The same numbers up to float32 rounding",
+    )
+    fused_blocks: bool = Field(
+        True,
+        description="batch norm in training as one fused operation (statistics as accurate) "
+        "and max-pool before the activation (they commute): the same numbers up to float32 "
+        "rounding, several times fewer passes over memory; false: the reference formulation",
+    )
+    representation_precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16: the network under autocast to bfloat16 (for a GPU's tensor cores; "
+        "slower on a CPU without them), its features cast to float32 for the heads, their "
+        "inner steps and the hypergradient. Changes the numbers: part of a checkpoint's identity",
+    )
+    episodes_on_device: bool | None = Field(
+        None,
+        description="keep each split on the device as uint8 and gather, rotate and scale each "
+        "meta-batch there (the same episodes as on the host); default: on a GPU only",
+    )
 
     @model_validator(mode="after")
     def _consistent(self):

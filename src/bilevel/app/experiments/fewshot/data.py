@@ -9,12 +9,14 @@ import torch
 
 from ...data import (
     ClassSet,
+    DeviceEpisodeSampler,
     EpisodeSampler,
     load_miniimagenet,
     load_omniglot,
     miniimagenet_split,
     omniglot_split,
 )
+from . import speed
 from .config import FewshotConfig
 
 PARTS = ("train", "val", "test")
@@ -40,7 +42,12 @@ def _first(classes: ClassSet, n: int | None) -> ClassSet:
 
 
 def episodes(config: FewshotConfig, classes: ClassSet, batch: int, seed) -> EpisodeSampler:
-    return EpisodeSampler(classes, config.ways, config.shots, config.queries, batch, seed)
+    """The config's episodes of ``classes``, ``batch`` per draw: drawn on the device when
+    ``episodes_on_device`` says so (the same episodes either way)."""
+    shape = (classes, config.ways, config.shots, config.queries, batch, seed)
+    if speed.episodes_on_device(config):
+        return DeviceEpisodeSampler(*shape, device=config.device)
+    return EpisodeSampler(*shape)
 
 
 class ImageSampler:

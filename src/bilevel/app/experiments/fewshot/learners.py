@@ -42,6 +42,7 @@ import bilevel
 
 from ... import models
 from ...data import Episodes
+from . import speed
 from .config import BATCH_NORM_MODES, IMAGES, FewshotConfig
 
 
@@ -52,9 +53,14 @@ class EpisodeBatchNorm2d(nn.BatchNorm2d):
     ``episodes == 1`` (and in eval mode) it is ``nn.BatchNorm2d``; the state dict is the same."""
 
     episodes = 1
+    fused = False  # training mode by speed.episode_norm (set by per_episode_norm)
 
     def forward(self, x: Tensor) -> Tensor:
         groups = self.episodes
+        if self.fused and self.training and self.affine:
+            y, mean, var = speed.episode_norm(x, self.weight, self.bias, groups, self.eps)
+            self._track(mean, var, x.shape[0] // groups * x[0, 0].numel())
+            return y
         if groups == 1 or not self.training:
             return super().forward(x)
         channels = x.shape[1]
@@ -66,24 +72,30 @@ class EpisodeBatchNorm2d(nn.BatchNorm2d):
         if self.affine:
             shape = (channels,) + (1,) * (x.dim() - 2)
             y = y * self.weight.view(shape) + self.bias.view(shape)
+        self._track(mean.view(groups, -1), var.view(groups, -1), grouped[0].numel() // channels)
+        return y.view_as(x)
+
+    def _track(self, mean: Tensor, var: Tensor, count: int) -> None:
+        """One update of the running statistics by the mean over the groups of their batch
+        statistics (``mean``, biased ``var``: [groups, C]; ``count`` values per group)."""
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 factor = self.momentum
                 if factor is None:  # cumulative moving average, as nn.BatchNorm2d
                     factor = 1.0 / float(self.num_batches_tracked)
-                count = grouped[0].numel() // channels
                 unbiased = var * (count / max(count - 1, 1))
-                self.running_mean.lerp_(mean.mean(0).flatten(), factor)
-                self.running_var.lerp_(unbiased.mean(0).flatten(), factor)
-        return y.view_as(x)
+                self.running_mean.lerp_(mean.mean(0).to(self.running_mean.dtype), factor)
+                self.running_var.lerp_(unbiased.mean(0).to(self.running_var.dtype), factor)
 
 
-def per_episode_norm(net: nn.Module) -> nn.Module:
-    """Make the BatchNorm2d layers of ``net`` EpisodeBatchNorm2d (in place; same state)."""
+def per_episode_norm(net: nn.Module, fused: bool = False) -> nn.Module:
+    """Make the BatchNorm2d layers of ``net`` EpisodeBatchNorm2d (in place; same state),
+    normalising in training by ``speed.episode_norm`` when ``fused``."""
     for module in net.modules():
         if type(module) is nn.BatchNorm2d:
             module.__class__ = EpisodeBatchNorm2d
+            module.fused = fused
     return net
 
 
@@ -133,7 +145,9 @@ class Learner(nn.Module):
     def __init__(self, config: FewshotConfig, classes: int | None = None) -> None:
         super().__init__()
         channels, side = IMAGES[config.dataset]
-        self.net = per_episode_norm(models.build(config.model, channels, side, config.width))
+        self.speed = speed.Speed.of(config)  # before the first tensor: huge pages
+        net = models.build(config.model, channels, side, config.width)
+        self.net = self.speed.prepare(per_episode_norm(net, self.speed.fused))
         self.fixed_lr = config.inner_lr
         self.log_lr = (
             nn.Parameter(torch.tensor(math.log(config.inner_lr))) if config.learn_inner_lr else None
@@ -208,8 +222,9 @@ def meta_loss(learner: Learner, batch: Episodes, config: FewshotConfig) -> tuple
     b, n_support = batch.support_y.shape
     images = torch.cat([batch.support_x, batch.query_x], 1)  # [B, n_s + n_q, C, H, W]
     groups = b if config.train_batch_norm == "episode" else 1
-    with episode_groups(learner.net, groups):
+    with episode_groups(learner.net, groups), learner.speed.autocast():
         features = learner.net(images.flatten(0, 1)).view(b, images.shape[1], -1)
+    features = speed.upcast(features)
     support, query = features[:, :n_support], features[:, n_support:]
     heads = train_heads(
         learner, support, batch.support_y, config.ways, config.inner_steps, config.memory
@@ -221,7 +236,9 @@ def meta_loss(learner: Learner, batch: Episodes, config: FewshotConfig) -> tuple
 
 
 def classical_loss(learner: Learner, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    logits = learner.classifier(learner.net(images))
+    with learner.speed.autocast():
+        features = learner.net(images)
+    logits = learner.classifier(speed.upcast(features))
     return F.cross_entropy(logits, labels), (logits.argmax(-1) == labels).float().mean()
 
 
@@ -264,7 +281,9 @@ def evaluate(
 def _batch_accuracy(
     learner: Learner, batch: Episodes, steps: list[int], batch_norm: str
 ) -> dict[int, np.ndarray]:
-    support, query = _episode_features(learner.net, batch, batch_norm)
+    with speed.features_only(learner.speed):
+        support, query = _episode_features(learner.net, batch, batch_norm)
+    support, query = speed.for_heads(support), speed.for_heads(query)
     ways = int(batch.support_y.max()) + 1
     inner, dynamics = support_loss(batch.support_y, ways), learner.dynamics()
     hparams = learner.hparams(support)

@@ -261,18 +261,33 @@ def test_auto_memory_format_is_channels_last_on_a_cpu():
         speed.channels_last("nhwc", torch.device("cpu"))
 
 
-def test_huge_pages_are_on_in_a_fresh_process_unless_switched_off():
-    # speed.py alone (it imports torch and the standard library), not the application
-    code = (
-        f"import importlib.util as u; s = u.spec_from_file_location('speed', {speed.__file__!r}); "
-        "m = u.module_from_spec(s); import sys; sys.modules['speed'] = m; "
-        "s.loader.exec_module(m); print(m.enable_huge_pages())"
-    )
-    env = {k: v for k, v in os.environ.items() if k != speed.HUGE_PAGES_ENV}
+# A fresh process (the allocator settings act before its first tensor): speed.py alone, which
+# imports torch and the standard library only; then whether a 64 MB tensor got a mapping of its
+# own (glibc's mallinfo2().hblkhd: bytes in such mappings).
+FRESH = f"""
+import ctypes, importlib.util as u, sys
+spec = u.spec_from_file_location("speed", {speed.__file__!r})
+speed = u.module_from_spec(spec); sys.modules["speed"] = speed; spec.loader.exec_module(speed)
+print(*speed.tune_allocator())
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks "
+                "fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+x = speed.torch.empty(64 << 20, dtype=speed.torch.uint8)
+print(libc.mallinfo2().hblkhd >= 64 << 20)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator")
+def test_the_allocator_keeps_large_blocks_in_its_heap_unless_told_otherwise():
+    env = {k: v for k, v in os.environ.items() if k not in (speed.HUGE_PAGES_ENV, "GLIBC_TUNABLES")}
     runs = [
         subprocess.Popen(
-            [sys.executable, "-c", code], env={**env, **extra}, stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", FRESH], env={**env, **extra}, stdout=subprocess.PIPE, text=True
         )
-        for extra in ({}, {speed.HUGE_PAGES_ENV: "0"})
+        for extra in ({}, {speed.ALLOCATOR_ENV: "system"})
     ]
-    assert [r.communicate(timeout=60)[0].strip() for r in runs] == ["True", "False"]
+    tuned, system = (r.communicate(timeout=60)[0].split() for r in runs)
+    assert tuned == ["True", "True", "False"]  # huge pages, kept heap, no mapping of its own
+    assert system == ["False", "False", "True"]

@@ -200,8 +200,10 @@ class EpisodeSampler:
 
 
 class DeviceEpisodeSampler(EpisodeSampler):
-    """An EpisodeSampler whose class set lives on ``device`` as uint8 (a GPU: the whole split
-    in its memory, a few hundred MB for mini-ImageNet's training classes).
+    """An EpisodeSampler whose class set lives on ``device`` as uint8: on a GPU the whole split
+    in its memory (813 MB for mini-ImageNet's training classes), on a CPU a copy in the
+    process's memory rather than the memory-mapped cache, whose pages other processes' use of
+    memory can evict (then a draw waits for the disk).
 
     The draws are the host sampler's (the same numpy generator, so the same episodes and
     ``state_dict``); only the gather, the quarter turns and the scaling to float32 run on the
@@ -216,7 +218,7 @@ class DeviceEpisodeSampler(EpisodeSampler):
         with warnings.catch_warnings():  # a read-only memory map: never written through
             warnings.simplefilter("ignore", UserWarning)
             pixels = torch.from_numpy(np.asarray(self.classes.images))
-        self._pixels = pixels.to(self.device)
+        self._pixels = pixels.to(self.device, copy=True)  # on a CPU: out of the memory map
         self._base = torch.from_numpy(self.classes.base).to(self.device)
         scale, shift = self._affine  # [C, 1, 1]: one value per channel
         self._scale = torch.from_numpy(scale.reshape(-1)).to(self.device)

@@ -10,7 +10,7 @@ Each option is a setting of :class:`~.config.FewshotConfig` (docs/experiments.md
   (:func:`episode_norm`): two passes forward, three backward, instead of the dozen
   elementwise kernels of the reference formula; its statistics are torch's pairwise sums, as
   accurate as the reference's (torch's own channels_last batch-norm kernel on a CPU sums
-  sequentially: 4e-5 relative error at 160 images of 84x84, against 2e-7, so it is not used);
+  sequentially: 4e-5 relative error over 40 images of 84x84, against 2e-7; not used);
   (b) max-pool before the activation (:func:`pool_before_activation`): max-pool commutes with
   any non-decreasing function, so ReLU and leaky ReLU run on a quarter of the values. Same
   forward values; the same gradient except where two values of a pooling window tie.
@@ -21,10 +21,13 @@ Each option is a setting of :class:`~.config.FewshotConfig` (docs/experiments.md
 - ``episodes_on_device``: the split lives on the device as uint8 and each meta-batch is
   gathered, rotated and normalised there (:class:`bilevel.app.data.DeviceEpisodeSampler`),
   drawing the same episodes as the host sampler.
-- Huge pages (:func:`enable_huge_pages`, not a setting: on unless ``THP_MEM_ALLOC_ENABLE=0``):
-  torch's CPU allocator asks for transparent huge pages for buffers of 2 MB and more. Without
-  them every activation-sized buffer is a fresh mapping whose pages fault in one by one, which
-  took most of the step's time on this CPU.
+- The CPU allocator (:func:`tune_allocator`, not a setting: an environment variable,
+  ``BILEVEL_CPU_ALLOCATOR=system``, leaves it alone). glibc hands every buffer above 32 MB
+  (an activation of the mini-ImageNet step is 361 MB) to a fresh mapping and returns it at
+  free, so every step has the kernel fault in and zero gigabytes of pages again: more than half
+  of the step on this CPU. Large blocks are served from the heap and the heap is kept instead
+  (``mallopt``; a process then holds its peak memory between steps, as torch's CUDA allocator
+  does), and torch's allocator asks for transparent huge pages (``THP_MEM_ALLOC_ENABLE``).
 - Validation and test embed their episodes under ``torch.inference_mode``
   (:func:`features_only`): the heads need gradients with respect to themselves only.
 """
@@ -32,7 +35,10 @@ Each option is a setting of :class:`~.config.FewshotConfig` (docs/experiments.md
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import platform
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -40,10 +46,17 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+ALLOCATOR_ENV = "BILEVEL_CPU_ALLOCATOR"  # "system": neither huge pages nor a kept heap
 HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"
 # Read by torch's CPU allocator at its first allocation: set on import, before any tensor of a
 # run exists (the command line imports the experiments first); an explicit 0 is kept.
-os.environ.setdefault(HUGE_PAGES_ENV, "1")
+if os.environ.get(ALLOCATOR_ENV) != "system":
+    os.environ.setdefault(HUGE_PAGES_ENV, "1")
+# glibc's mallopt parameters (malloc.h), and the users' own ways of setting them
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+HEAP_BLOCKS_UP_TO = 1 << 30  # bytes: larger blocks still get mappings of their own
+KEEP_HEAP_UP_TO = (1 << 31) - 1  # mallopt takes an int
+GLIBC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 _PROBE_BYTES = 4 << 20  # above the allocator's 2 MB threshold for huge pages
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 LOWER = (torch.bfloat16, torch.float16)
@@ -59,6 +72,7 @@ class Speed:
         lowered: the autocast dtype of the representation (None: float32).
         device_type: "cpu" or "cuda", the kind autocast needs.
         huge_pages: whether torch's CPU allocator uses transparent huge pages.
+        kept_heap: whether glibc serves large blocks from a heap it keeps.
     """
 
     channels_last: bool
@@ -66,6 +80,7 @@ class Speed:
     lowered: torch.dtype | None
     device_type: str
     huge_pages: bool = False
+    kept_heap: bool = False
 
     @classmethod
     def of(cls, config) -> Speed:
@@ -76,12 +91,14 @@ class Speed:
             raise ValueError(
                 "representation_precision='bf16': this GPU has no bfloat16; use 'fp32'"
             )
+        huge_pages, kept_heap = tune_allocator()
         return cls(
             channels_last=channels_last(config.memory_format, device),
             fused=config.fused_blocks,
             lowered=lowered,
             device_type=device.type,
-            huge_pages=enable_huge_pages(),
+            huge_pages=huge_pages,
+            kept_heap=kept_heap,
         )
 
     def prepare(self, net: nn.Module) -> nn.Module:
@@ -118,7 +135,32 @@ def channels_last(setting: str, device: torch.device) -> bool:
     return setting == "channels_last"
 
 
-# --- huge pages ---------------------------------------------------------------------------
+# --- the CPU allocator --------------------------------------------------------------------
+
+
+def tune_allocator() -> tuple[bool, bool]:
+    """(huge pages, kept heap): what :func:`enable_huge_pages` and :func:`keep_freed_memory`
+    achieve, or only whether huge pages are on where ``BILEVEL_CPU_ALLOCATOR=system``."""
+    if os.environ.get(ALLOCATOR_ENV) == "system":
+        return _huge_pages_in_use(), False
+    return enable_huge_pages(), keep_freed_memory()
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc serve blocks up to 1 GiB from its heap and keep up to 2 GiB of it free;
+    True where it took effect (glibc only; a user's own MALLOC_* or GLIBC_TUNABLES win).
+
+    Without it every large buffer is a fresh mapping, faulted in and zeroed page by page on
+    each use. Any time is right: it applies to the blocks allocated after it.
+    """
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    if any(name in os.environ for name in GLIBC_SETTINGS):
+        return False
+    mallopt = ctypes.CDLL(None).mallopt
+    return bool(
+        mallopt(M_MMAP_THRESHOLD, HEAP_BLOCKS_UP_TO) and mallopt(M_TRIM_THRESHOLD, KEEP_HEAP_UP_TO)
+    )
 
 
 def enable_huge_pages() -> bool:
@@ -131,6 +173,10 @@ def enable_huge_pages() -> bool:
     glibc's mapped chunks start past a 16-byte header.
     """
     os.environ.setdefault(HUGE_PAGES_ENV, "1")  # in case it was removed since the import
+    return _huge_pages_in_use()
+
+
+def _huge_pages_in_use() -> bool:
     probe = torch.empty(_PROBE_BYTES, dtype=torch.uint8)
     return probe.data_ptr() % 4096 == 0
 

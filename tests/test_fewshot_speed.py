@@ -236,6 +236,13 @@ def test_episodes_drawn_on_the_device_equal_the_host_sampler_bit_for_bit(rgb):
         assert torch.equal(a, b)
 
 
+def test_samplers_of_one_split_share_its_copy_on_the_device():
+    classes = class_set(rgb=True)
+    first, second = (DeviceEpisodeSampler(classes, 4, 2, 3, seed=s) for s in (0, 1))
+    assert first._pixels is second._pixels
+    assert DeviceEpisodeSampler(class_set(rgb=True), 4, 2, 3)._pixels is not first._pixels
+
+
 def test_the_device_sampler_is_chosen_by_episodes_on_device():
     assert not speed.episodes_on_device(FewshotConfig(**TINY))  # cpu: the host sampler
     assert speed.episodes_on_device(FewshotConfig(**TINY, episodes_on_device=True))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -215,10 +216,7 @@ class DeviceEpisodeSampler(EpisodeSampler):
     def __init__(self, *args, device: torch.device | str = "cpu", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.device = torch.device(device)
-        with warnings.catch_warnings():  # a read-only memory map: never written through
-            warnings.simplefilter("ignore", UserWarning)
-            pixels = torch.from_numpy(np.asarray(self.classes.images))
-        self._pixels = pixels.to(self.device, copy=True)  # on a CPU: out of the memory map
+        self._pixels = _device_copy(self.classes.images, self.device)
         self._base = torch.from_numpy(self.classes.base).to(self.device)
         scale, shift = self._affine  # [C, 1, 1]: one value per channel
         self._scale = torch.from_numpy(scale.reshape(-1)).to(self.device)
@@ -242,6 +240,23 @@ class DeviceEpisodeSampler(EpisodeSampler):
         if self._shift is not None:
             x = x - self._shift
         return x.permute(*range(x.dim() - 3), -1, -3, -2)
+
+
+# One copy of each image array per device, for as long as the array lives: the samplers of one
+# split (a run's training and each validation's) share it.
+_DEVICE_COPIES: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _device_copy(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``images`` as a uint8 tensor on ``device`` (on a CPU: a copy out of the memory map)."""
+    key = (id(images), str(device))
+    if key not in _DEVICE_COPIES:
+        with warnings.catch_warnings():  # a read-only memory map: never written through
+            warnings.simplefilter("ignore", UserWarning)
+            pixels = torch.from_numpy(np.asarray(images))
+        _DEVICE_COPIES[key] = pixels.to(device, copy=True)
+        weakref.finalize(images, _DEVICE_COPIES.pop, key, None)
+    return _DEVICE_COPIES[key]
 
 
 def _normaliser(

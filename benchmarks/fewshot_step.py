@@ -237,7 +237,8 @@ def report(preset: str, names, results: dict, paired: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=None)
-    parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    parser.add_argument("--preset", action="append", choices=sorted(PRESETS), required=True,
+                        help="repeatable: one table per preset")  # fmt: skip
     parser.add_argument("--variant", action="append", choices=list(VARIANTS),
                         help="measure these (repeatable; default: all)")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=1)
@@ -250,14 +251,15 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.preset, args.data_dir)
+        return worker(args.preset[0], args.data_dir)
     names = args.variant or list(VARIANTS)
     names = [n for n in VARIANTS if n in {"reference", "default", *names}]
     huge, heap = speed.tune_allocator()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), huge pages {huge}, "
           f"kept heap {heap}, load average {load()} (1, 5, 15 min) at the start")  # fmt: skip
-    results, paired = measure(args.preset, args.data_dir, names, args)
-    report(args.preset, names, results, paired)
+    for preset in args.preset:
+        results, paired = measure(preset, args.data_dir, names, args)
+        report(preset, names, results, paired)
     print(f"load average {load()} at the end")
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from bilevel.app import checkpoints, runs
 from bilevel.app.experiments.fewshot import FewshotConfig
-from tests.test_fewshot import DATA, in_process
+from tests.conftest import DATA, in_process, needs_mnist, one_line
 
 matplotlib.use("Agg")
 
@@ -25,22 +25,9 @@ TINY = [
     "--set", "compare_iterations=0",
 ]  # fmt: skip
 
-needs_mnist = pytest.mark.skipif(
-    not (DATA / "mnist").is_dir(), reason=f"MNIST not found under {DATA} (set BILEVEL_DATA)"
-)
-
 
 def hyperclean(*args):
     return in_process("hyperclean", *TINY, *args)
-
-
-def one_line(result, code: int) -> str:
-    """The single error line of a refused or failed command."""
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    lines = [x for x in result.output.strip().splitlines() if x.startswith("Error:")]
-    assert len(lines) == 1, result.output
-    return lines[0].removeprefix("Error: ")
 
 
 def contents(out: Path) -> dict[str, bytes]:

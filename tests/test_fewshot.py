@@ -1,21 +1,15 @@
 """The few-shot experiment on small real slices of Omniglot: train, test, classical, resume."""
 
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from bilevel.app import checkpoints
-from bilevel.app.cli import main as cli
 from bilevel.app.data import Episodes
 from bilevel.app.experiments.fewshot import PRESETS, FewshotConfig
 from bilevel.app.experiments.fewshot.learners import (
@@ -25,9 +19,8 @@ from bilevel.app.experiments.fewshot.learners import (
     meta_loss,
     train_heads,
 )
+from tests.conftest import DATA, bilevel_command, in_process, metrics, needs_omniglot, start_bilevel
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("BILEVEL_DATA", ROOT.parent / "shared" / "data"))
 TINY = [
     "--preset", "quick",
     "--set", "width=0.125",
@@ -40,37 +33,6 @@ TINY = [
     "--data-dir", str(DATA),
 ]  # fmt: skip
 ITERATIONS = 40
-
-needs_omniglot = pytest.mark.skipif(
-    not (DATA / "omniglot").is_dir(), reason=f"Omniglot not found under {DATA} (set BILEVEL_DATA)"
-)
-
-
-def bilevel(*args, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count, same float sums
-    return subprocess.run(
-        [sys.executable, "-m", "bilevel", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
-
-
-def metrics(out):
-    """metrics.jsonl without timings: what must repeat bit for bit."""
-    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in lines]
-
-
-def in_process(*args):
-    """The CLI in this process (no torch import per call), on one thread as in `bilevel`."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return CliRunner().invoke(cli, [str(a) for a in args])
-    finally:
-        torch.set_num_threads(threads)
 
 
 def train(out, *extra, command="train"):
@@ -86,6 +48,7 @@ def trained(tmp_path_factory):
     return train(out, "--set", f"iterations={ITERATIONS}", "--set", "learn_inner_lr=true")
 
 
+@pytest.mark.e2e
 @needs_omniglot
 def test_train_writes_metrics_checkpoints_summary_and_curve(trained):
     summary = json.loads((trained / "summary.json").read_text())
@@ -106,11 +69,12 @@ def test_train_writes_metrics_checkpoints_summary_and_curve(trained):
     assert (trained / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.e2e
 @needs_omniglot
 def test_test_command_reports_accuracy_with_ci_by_inner_steps(trained, tmp_path):
     out = tmp_path / "test"
     # a process of its own: `bilevel fewshot test` as users run it
-    result = bilevel(
+    result = bilevel_command(
         "fewshot", "test", trained, "--out", out, "--data-dir", DATA, "--quiet",
         "--set", "test_episodes=60", "--set", "test_steps=[1,3,10]", "--set", "test_classes=40",
     )  # fmt: skip
@@ -126,6 +90,7 @@ def test_test_command_reports_accuracy_with_ci_by_inner_steps(trained, tmp_path)
     assert (out / "accuracy_vs_steps.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.e2e
 @needs_omniglot
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_run_made_on_a_gpu_is_tested_here_with_device_cpu(trained, tmp_path):
@@ -143,6 +108,7 @@ def test_a_run_made_on_a_gpu_is_tested_here_with_device_cpu(trained, tmp_path):
     assert json.loads((tmp_path / "t" / "summary.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.e2e
 @needs_omniglot
 def test_compare_plots_the_validation_curves_of_runs(trained, tmp_path):
     from bilevel.app.experiments.fewshot.compare import validation_curve
@@ -187,6 +153,7 @@ def test_compare_refuses_what_is_not_a_training_run_in_one_line(tmp_path):
     assert not figure.exists()
 
 
+@pytest.mark.e2e
 @needs_omniglot
 def test_compare_leaves_out_a_last_line_cut_short(trained, tmp_path):
     run = tmp_path / "killed"
@@ -198,6 +165,7 @@ def test_compare_leaves_out_a_last_line_cut_short(trained, tmp_path):
     assert (tmp_path / "f.svg").read_text().lstrip().startswith("<?xml")
 
 
+@pytest.mark.e2e
 @needs_omniglot
 def test_resume_continues_with_the_same_numbers(trained, tmp_path):
     half = train(tmp_path / "half", "--set", f"iterations={ITERATIONS // 2}", "--set",
@@ -207,17 +175,12 @@ def test_resume_continues_with_the_same_numbers(trained, tmp_path):
     assert metrics(half) == metrics(trained)
 
 
+@pytest.mark.e2e
 @needs_omniglot
 def test_an_interrupted_run_resumes_with_the_same_numbers(trained, tmp_path):
     out = tmp_path / "interrupted"
     args = [*TINY, "--set", f"iterations={ITERATIONS}", "--set", "learn_inner_lr=true"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bilevel", "fewshot", "train", *args, "--out", str(out)],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    process = start_bilevel("fewshot", "train", *args, "--out", out)
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
         assert time.time() < deadline and process.poll() is None, process.stderr
@@ -232,6 +195,7 @@ def test_an_interrupted_run_resumes_with_the_same_numbers(trained, tmp_path):
     assert metrics(out) == metrics(trained)
 
 
+@pytest.mark.e2e
 @needs_omniglot
 def test_corrupt_or_foreign_checkpoint_is_one_line_and_leaves_the_run(trained, tmp_path):
     copy = tmp_path / "copy"
@@ -253,6 +217,7 @@ def test_corrupt_or_foreign_checkpoint_is_one_line_and_leaves_the_run(trained, t
     assert (copy / "metrics.jsonl").read_bytes() == before  # nothing of the run was overwritten
 
 
+@pytest.mark.e2e
 @needs_omniglot
 def test_early_stopping_after_patience_validations_without_improvement(tmp_path):
     # a learning rate too small to change any prediction: the second validation cannot improve
@@ -263,6 +228,7 @@ def test_early_stopping_after_patience_validations_without_improvement(tmp_path)
     assert summary["iterations"] == 10 and summary["best_iteration"] == 5
 
 
+@pytest.mark.e2e
 @needs_omniglot
 def test_a_run_stopped_before_its_first_validation_reports_no_best_yet(tmp_path):
     out = train(tmp_path / "short", "--set", "iterations=2")  # validates every 10
@@ -278,6 +244,7 @@ def test_a_run_stopped_before_its_first_validation_reports_no_best_yet(tmp_path)
     assert tested["best_val_accuracy"] is None and tested["checkpoint"].endswith("checkpoint.pt")
 
 
+@pytest.mark.e2e
 @needs_omniglot
 def test_classical_baseline_trains_and_tests(tmp_path):
     out = train(tmp_path / "classical", "--set", "iterations=10", command="classical")

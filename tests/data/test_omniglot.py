@@ -5,7 +5,6 @@ The cache is built once for this module in a temporary directory (a few seconds)
 
 import hashlib
 import io
-import os
 import shutil
 import time
 import zipfile
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tests.conftest import DATA
 
 from bilevel.app.data import omniglot
 from bilevel.app.data.omniglot import (
@@ -30,10 +30,8 @@ ZIPS = [f"{BACKGROUND}.zip", f"{EVALUATION}.zip"]
 
 
 def _source_dir() -> Path:
-    """The shared Omniglot: $BILEVEL_DATA if set, else ../shared/data beside the repository."""
-    env = os.environ.get("BILEVEL_DATA")
-    root = Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data"
-    directory = omniglot_dir(root)
+    """The shared Omniglot (under tests.conftest.DATA)."""
+    directory = omniglot_dir(DATA)
     if not all((directory / name).is_file() for name in ZIPS):
         pytest.skip(f"Omniglot zips not found in {directory}")
     return directory

@@ -85,7 +85,7 @@ def test_diverging_modes_are_reported_not_fatal(tmp_path):
         ("real_time_steps=5", "every=10 exceeds real_time_steps=5"),
         ("batch_size=3000", "batch_size=3000 exceeds train=2000"),
         ("init_momentum=1", "init_momentum: Input should be less than 1"),
-        ("learning_rate=1", "learning_rate: unknown key"),
+        ("learning_rate=1", "unknown setting 'learning_rate'"),
     ],
 )
 def test_bad_configuration_names_the_setting(assignment, message):

@@ -87,7 +87,7 @@ def test_interrupt_leaves_a_valid_partial_result(tmp_path):
     "args,message",
     [
         (["--set", "inner_steps=0"], "inner_steps: Input should be greater than 0"),
-        (["--set", "nonsense=1"], "nonsense: unknown key"),
+        (["--set", "nonsense=1"], "unknown setting 'nonsense'"),
         (["--set", "method=newton"], "method: Input should be"),
         (["--set", "corrupted=6000"], "corrupted=6000 exceeds train=5000"),
         (["--preset", "slow"], "Invalid value for '--preset'"),

@@ -9,10 +9,11 @@ JSON: what --show-config prints, and a run's own config.json, are accepted as wr
 
 from __future__ import annotations
 
+import difflib
 import json
 import sys
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import yaml
@@ -167,16 +168,25 @@ def resolve(
     try:
         return config_class.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_describe(error)) from None
+        raise ConfigError(_describe(error, config_class)) from None
 
 
-def _describe(error: ValidationError) -> str:
+def unknown_setting(key: str, known: Iterable[str]) -> str:
+    """The message for a setting that does not exist: the closest known name, if one is close
+    (`inner_lrr` -> `inner_lr`), else where the settings are listed."""
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    if close:
+        return f"unknown setting {key!r}; did you mean {close[0]!r}?"
+    return f"unknown setting {key!r} (--help lists the settings)"
+
+
+def _describe(error: ValidationError, config_class: type[BaseModel]) -> str:
     lines = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"])
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            lines.append(f"{key}: unknown key")
+            lines.append(unknown_setting(key, config_class.model_fields))
         elif not key:  # a check across several settings: the message names them
             lines.append(message)
         else:

@@ -9,6 +9,7 @@ import torch
 
 from ... import checkpoints
 from ..common import seed_everything
+from ..config import unknown_setting
 from .config import EPISODE_KEYS, TEST_KEYS, FewshotConfig
 from .data import class_sets, episodes
 from .learners import Learner, confidence, evaluate
@@ -18,10 +19,13 @@ EPISODES_PER_DRAW = 20  # episodes sampled at once; the heads of a draw are trai
 
 
 def test_overrides(assignments) -> None:
-    """Only test settings may change between training and testing."""
+    """Only test settings may change between training and testing; a key that is no setting at
+    all is named with the closest test setting."""
     allowed = TEST_KEYS | EPISODE_KEYS
     for assignment in assignments:
         key = assignment.partition("=")[0].strip()
+        if key not in FewshotConfig.model_fields:
+            raise ValueError(f"--set {key}: {unknown_setting(key, allowed)}")
         if key not in allowed:
             raise ValueError(f"--set {key}: only {', '.join(sorted(allowed))} can be set here")
 

@@ -1,11 +1,46 @@
-"""What the command line tells a user: the setting a mistyped key was meant to be. In process,
-without data: the whole file takes a few seconds."""
+"""What the command line tells a user: each experiment's presets and settings (`--help`), and
+the setting a mistyped key was meant to be. In process, without data: the whole file takes a few
+seconds."""
+
+import re
 
 import pytest
 
-from bilevel.app.experiments import fewshot
+from bilevel.app.experiments import fewshot, registry
 from bilevel.app.experiments.config import ConfigError, resolve
 from tests.conftest import in_process, one_line
+
+EXPERIMENTS = {
+    **{(name,): experiment for name, experiment in registry().items()},
+    ("fewshot", "train"): fewshot.TRAIN,
+    ("fewshot", "classical"): fewshot.CLASSICAL,
+}
+# notation a user has not been told: subscripts, powers, norms, Greek letters by name
+NOTATION = re.compile(r"\^|\|[^|]+\||\b[a-zA-Z]_[a-zA-Z0-9]\b|\blambda\b|\bsqrt\b")
+
+
+@pytest.mark.parametrize("command", EXPERIMENTS, ids=" ".join)
+def test_help_lists_every_preset_and_setting_with_a_description(command):
+    experiment = EXPERIMENTS[command]
+    result = in_process(*command, "--help")
+    assert result.exit_code == 0, result.output
+    presets = result.output.split("Presets (--preset NAME):\n")[1].split("\n\n")[0]
+    for name in experiment.presets:  # a name, then words (on its line or the next)
+        assert re.search(rf"^  {re.escape(name)}\s+\w", presets, re.M), name
+    settings = result.output.split("Settings (--set KEY=VALUE, or in a --config file):\n")[1]
+    for name, field in experiment.config.model_fields.items():
+        assert field.description and not NOTATION.search(field.description), name
+        item = re.search(rf"^  {name} +(\w.*?)(?=^  \w|\Z)", settings, re.M | re.S)
+        words = " ".join(item[1].split()) if item else ""
+        assert re.fullmatch(r"\w.* \[default: .+\]", words), (name, words)
+    assert "one of: reverse, truncated, forward" in in_process("hyperclean", "--help").output
+
+
+def test_fewshot_test_help_lists_only_what_a_test_may_change():
+    result = in_process("fewshot", "test", "--help")
+    settings = result.output.split("Settings (--set KEY=VALUE; by default as in the trained run")
+    listed = re.findall(r"^  (\w+) ", settings[1], re.M)
+    assert set(listed) == fewshot.FewshotTestConfig.SETTABLE and "[default:" not in settings[1]
 
 
 @pytest.mark.parametrize(

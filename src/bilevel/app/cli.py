@@ -49,7 +49,8 @@ def _experiment_options(presets):
         click.option(
             "--preset",
             type=click.Choice(sorted(presets)),
-            help="paper: the paper's setting; quick: minutes on 2 CPU cores",
+            metavar="NAME",
+            help="a named set of settings (listed below)",
         ),
         click.option(
             "--config",
@@ -148,6 +149,13 @@ def _claim(out: Path, overwrite: bool, resumable: bool) -> None:
     )
 
 
+def _settings(experiment, defaults_from: str = "") -> str:
+    """The experiment's presets and settings, described, for --help."""
+    from .experiments.config import settings_help
+
+    return settings_help(experiment.config, experiment.presets, defaults_from)
+
+
 def _show(config) -> None:
     from .runs import to_json
 
@@ -158,7 +166,7 @@ def _experiment_command(experiment, name: str | None = None, prepare=None) -> cl
     """One subcommand per experiment, all with the same options. ``prepare(config, out)`` reads
     the checkpoint that --resume continues from (default: a staged experiment's)."""
 
-    @click.command(name or experiment.name, help=experiment.summary)
+    @click.command(name or experiment.name, help=experiment.summary, epilog=_settings(experiment))
     @_experiment_options(experiment.presets)
     @click.option("--resume", is_flag=True, help="continue the run in --out from its checkpoint")
     @_OVERWRITE
@@ -222,7 +230,7 @@ def _read_checkpoint(resume: bool, overwrite: bool, out, read):
 
 
 def _fewshot_test(experiment) -> click.Command:
-    @click.command("test", help=experiment.summary)
+    @click.command("test", help=experiment.summary, epilog=_settings(experiment, "the trained run"))
     @click.argument("source", type=click.Path(path_type=Path, file_okay=False))
     @click.option(
         "--set",

@@ -45,7 +45,7 @@ import bilevel
 from ..data import load_omniglot
 from . import Experiment, stages
 from .common import accuracy, linear_logits, seed_everything, zero_linear
-from .config import StagedConfig
+from .config import MEMORY_HELP, StagedConfig
 
 CHARACTERS, DRAWINGS, PIXELS = 1623, 20, 28 * 28
 EXACT = "exact"
@@ -58,24 +58,46 @@ class ConvergenceConfig(StagedConfig):
     train_shots: int = Field(3, gt=0, description="training drawings per class")
     val_shots: int = Field(3, gt=0, description="validation drawings per class")
     test_shots: int = Field(14, gt=0, description="test drawings per class")
-    features: int = Field(64, gt=0, description="d: lambda maps the 784 pixels to d features")
-    radius: float = Field(16.0, gt=0, description="Frobenius ball of lambda (|lambda_0| ~ sqrt d)")
-    l2: float = Field(0.01, gt=0, description="inner L2 coefficient (strong convexity)")
-    inner_lr: float = Field(1.0, gt=0, description="inner gradient-descent step")
+    features: int = Field(
+        64, gt=0, description="features of the learned linear representation of the 784 pixels"
+    )
+    radius: float = Field(
+        16.0,
+        gt=0,
+        description="bound on the size (Frobenius norm) of the representation matrix; it starts "
+        "near the square root of features",
+    )
+    l2: float = Field(
+        0.01, gt=0, description="L2 penalty of the classifier (makes its training converge)"
+    )
+    inner_lr: float = Field(1.0, gt=0, description="learning rate of the classifier's training")
     horizons: list[int] = Field(
-        [1, 5, 10, 50, 100, 500], min_length=1, description="the values of T, one run each"
+        [1, 5, 10, 50, 100, 500],
+        min_length=1,
+        description="numbers of training steps of the classifier to compare: one run each",
     )
-    exact: bool = Field(True, description="also optimise the exact f (implicit hypergradient)")
-    memory: Literal["graph", "trajectory", "checkpoint"] = Field(
-        "graph", description="reverse mode's memory policy (graph: fastest, T=500 fits)"
+    exact: bool = Field(
+        True,
+        description="also run with the classifier trained to convergence (implicit hypergradient)",
     )
-    hyper_lr: float = Field(0.003, gt=0, description="Adam on lambda")
-    hyper_iterations: int = Field(500, gt=0, description="per run (each T, and exact)")
-    exact_tolerance: float = Field(1e-5, gt=0, description="|grad L| at which w is w_lambda")
-    exact_max_steps: int = Field(50000, gt=0, description="inner steps allowed to reach it")
-    cg_iterations: int = Field(200, gt=0, description="of the exact run's implicit solve")
-    cg_tolerance: float = Field(1e-6, gt=0, description="relative residual of the CG solve")
-    dtype: Literal["float32", "float64"] = "float32"
+    memory: Literal["graph", "trajectory", "checkpoint"] = Field("graph", description=MEMORY_HELP)
+    hyper_lr: float = Field(0.003, gt=0, description="learning rate of Adam on the representation")
+    hyper_iterations: int = Field(
+        500, gt=0, description="updates of the representation in each run"
+    )
+    exact_tolerance: float = Field(
+        1e-5, gt=0, description="gradient norm at which the classifier counts as converged"
+    )
+    exact_max_steps: int = Field(
+        50000, gt=0, description="training steps allowed to reach exact_tolerance"
+    )
+    cg_iterations: int = Field(
+        200, gt=0, description="conjugate-gradient iterations of the exact run's hypergradient"
+    )
+    cg_tolerance: float = Field(
+        1e-6, gt=0, description="relative residual at which conjugate gradient stops"
+    )
+    dtype: Literal["float32", "float64"] = Field("float32", description="floating-point precision")
 
     @field_validator("horizons")
     @classmethod

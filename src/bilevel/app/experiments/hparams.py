@@ -55,27 +55,57 @@ class HparamsConfig(StagedConfig):
     train: int = Field(10000, gt=0, description="training examples (MNIST training set)")
     validation: int = Field(5000, gt=0, description="validation examples (MNIST training set)")
     test: int = Field(10000, gt=0, le=10000, description="test examples (MNIST test set)")
-    hidden: int = Field(300, gt=0, description="hidden units of the MLP 784-hidden-10")
-    batch_size: int = Field(100, gt=0)
-    inner_steps: int = Field(200, gt=0, description="T: SGD steps per training run")
+    hidden: int = Field(300, gt=0, description="hidden units of the network (one hidden layer)")
+    batch_size: int = Field(100, gt=0, description="training examples per SGD step")
+    inner_steps: int = Field(200, gt=0, description="SGD steps per training run")
     init_lr: float = Field(0.01, gt=0, description="starting learning rate")
     init_momentum: float = Field(0.5, gt=0, lt=1, description="starting momentum")
     init_weight_decay: float = Field(1e-4, gt=0, description="starting weight decay")
-    modes: list[Mode] = Field(["restart", "real-time", "warm"], min_length=1)
-    hyper_lr: float = Field(0.2, gt=0, description="Adam on the unconstrained hyperparameters")
-    hyper_iterations: int = Field(40, gt=0, description="of the restart and warm modes")
-    every: int = Field(20, gt=0, description="real time: inner steps between updates")
+    modes: list[Mode] = Field(
+        ["restart", "real-time", "warm"],
+        min_length=1,
+        description="how the hyperparameters are learned. restart: each update trains from the "
+        "start; real-time: updates during one long training run; warm: each training continues "
+        "from the last one's network",
+    )
+    hyper_lr: float = Field(
+        0.2,
+        gt=0,
+        description="learning rate of Adam on the hyperparameters (as the logarithms of lr and "
+        "weight decay and the logit of momentum)",
+    )
+    hyper_iterations: int = Field(
+        40, gt=0, description="hyperparameter updates in the restart and warm modes"
+    )
+    every: int = Field(
+        20, gt=0, description="real-time mode: SGD steps between hyperparameter updates"
+    )
     real_time_steps: int | None = Field(
-        None, gt=0, description="inner steps of the real-time run (default hyper_iterations * T)"
+        None,
+        gt=0,
+        description="SGD steps of the real-time run (none: hyper_iterations * inner_steps)",
     )
     real_time_hyper_lr: float | None = Field(
-        None, gt=0, description="Adam in real time (default hyper_lr * every / T)"
+        None,
+        gt=0,
+        description="learning rate of Adam in the real-time mode (none: hyper_lr * every / "
+        "inner_steps)",
     )
-    random_search: bool = Field(True, description="random search at the modes' wall time")
-    lr_range: tuple[float, float] = Field((1e-3, 1.0), description="log-uniform")
-    momentum_range: tuple[float, float] = Field((0.0, 0.99), description="uniform")
-    weight_decay_range: tuple[float, float] = Field((1e-6, 1e-2), description="log-uniform")
-    curve_points: int = Field(12, ge=2, description="hyperparameters per mode retrained for plots")
+    random_search: bool = Field(
+        True, description="also run random search, for as long as each mode took"
+    )
+    lr_range: tuple[float, float] = Field(
+        (1e-3, 1.0), description="random search's learning rates: [low, high], log-uniform"
+    )
+    momentum_range: tuple[float, float] = Field(
+        (0.0, 0.99), description="random search's momenta: [low, high], uniform"
+    )
+    weight_decay_range: tuple[float, float] = Field(
+        (1e-6, 1e-2), description="random search's weight decays: [low, high], log-uniform"
+    )
+    curve_points: int = Field(
+        12, ge=2, description="hyperparameters along each mode's path retrained for the plots"
+    )
 
     @field_validator("modes")
     @classmethod

@@ -26,7 +26,7 @@ from bilevel.constraints import L1Ball
 from ..data import load_mnist
 from . import Experiment, stages
 from .common import accuracy, f1_score, linear_logits, seed_everything, train_linear, zero_linear
-from .config import StagedConfig
+from .config import MEMORY_HELP, StagedConfig
 
 CLASSES = 10
 Method = Literal[
@@ -35,30 +35,54 @@ Method = Literal[
 
 
 class HypercleanConfig(StagedConfig):
-    train: int = Field(5000, gt=0, description="training examples (some corrupted)")
-    validation: int = Field(5000, gt=0, description="clean validation examples")
+    train: int = Field(5000, gt=0, description="training examples (some with a wrong label)")
+    validation: int = Field(5000, gt=0, description="validation examples (all labels right)")
     test: int = Field(10000, gt=0, le=10000, description="test examples (MNIST test set)")
-    corrupted: int = Field(2500, ge=0, description="training labels replaced by a wrong one")
-    radii: list[float] = Field(
-        [1000, 1500, 2000, 2500], min_length=1, description="R in sum(lambda) <= R, one run each"
+    corrupted: int = Field(
+        2500, ge=0, description="training examples whose label is replaced by a wrong one"
     )
-    inner_lr: float = Field(0.1, gt=0)
-    inner_steps: int = Field(50, gt=0, description="T, per hyper-iteration")
-    method: Method = "reverse"
-    memory: Literal["graph", "trajectory", "checkpoint"] = "graph"
-    truncation: int = Field(25, gt=0, description="k of method 'truncated'")
-    warm_start: bool = Field(True, description="continue each inner run from the last w_T")
-    hyper_lr: float = Field(0.02, gt=0, description="Adam on lambda")
-    hyper_iterations: int = Field(200, gt=0)
-    retrain_steps: int = Field(2000, gt=0, description="GD steps of Baseline, Oracle, DH-R")
+    radii: list[float] = Field(
+        [1000, 1500, 2000, 2500],
+        min_length=1,
+        description="bounds on the sum of the example weights (each weight is in [0, 1]): one "
+        "run each",
+    )
+    inner_lr: float = Field(0.1, gt=0, description="learning rate of the model's training")
+    inner_steps: int = Field(
+        50, gt=0, description="gradient steps of the model's training per hyper-iteration"
+    )
+    method: Method = Field(
+        "reverse", description="how the hypergradient is computed (`bilevel methods`)"
+    )
+    memory: Literal["graph", "trajectory", "checkpoint"] = Field("graph", description=MEMORY_HELP)
+    truncation: int = Field(
+        25, gt=0, description="steps that method 'truncated' differentiates (the last ones)"
+    )
+    warm_start: bool = Field(
+        True, description="continue each training from the last one's model, not from zero"
+    )
+    hyper_lr: float = Field(0.02, gt=0, description="learning rate of Adam on the weights")
+    hyper_iterations: int = Field(200, gt=0, description="updates of the example weights")
+    retrain_steps: int = Field(
+        2000,
+        gt=0,
+        description="gradient steps of the models retrained for comparison (Baseline, Oracle, "
+        "DH-R)",
+    )
     flag_below: float = Field(
         0.5,
         gt=0,
         le=1,
-        description="flag example i when lambda_i < flag_below * R / train (its start value)",
+        description="an example is flagged as mislabelled when its weight ends below this "
+        "fraction of its starting weight",
     )
-    compare_methods: list[Method] = Field(["reverse", "truncated", "implicit-cg"])
-    compare_iterations: int = Field(20, ge=0, description="hyper-iterations per compared method")
+    compare_methods: list[Method] = Field(
+        ["reverse", "truncated", "implicit-cg"],
+        description="hypergradient methods timed against each other after the main run",
+    )
+    compare_iterations: int = Field(
+        20, ge=0, description="hyper-iterations per compared method (0: no comparison)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -10,7 +10,7 @@ import torch
 from ... import checkpoints
 from ..common import seed_everything
 from ..config import unknown_setting
-from .config import EPISODE_KEYS, TEST_KEYS, FewshotConfig
+from .config import EPISODE_KEYS, FewshotConfig, FewshotTestConfig
 from .data import class_sets, episodes
 from .learners import Learner, confidence, evaluate
 from .train import BEST, CHECKPOINT, best_so_far, identity, training_run
@@ -21,7 +21,7 @@ EPISODES_PER_DRAW = 20  # episodes sampled at once; the heads of a draw are trai
 def test_overrides(assignments) -> None:
     """Only test settings may change between training and testing; a key that is no setting at
     all is named with the closest test setting."""
-    allowed = TEST_KEYS | EPISODE_KEYS
+    allowed = FewshotTestConfig.SETTABLE
     for assignment in assignments:
         key = assignment.partition("=")[0].strip()
         if key not in FewshotConfig.model_fields:

@@ -1,13 +1,16 @@
-"""What the command line tells a user: each experiment's presets and settings (`--help`), and
-the setting a mistyped key was meant to be. In process, without data: the whole file takes a few
-seconds."""
+"""What the command line tells a user: the methods and their options (`bilevel methods`), each
+experiment's presets and settings (`--help`), and the setting a mistyped key was meant to be.
+In process, without data: the whole file takes a few seconds."""
 
+import inspect
 import re
 
 import pytest
 
+import bilevel
 from bilevel.app.experiments import fewshot, registry
 from bilevel.app.experiments.config import ConfigError, resolve
+from bilevel.app.method_guide import GUIDE, option_defaults
 from tests.conftest import in_process, one_line
 
 EXPERIMENTS = {
@@ -17,6 +20,23 @@ EXPERIMENTS = {
 }
 # notation a user has not been told: subscripts, powers, norms, Greek letters by name
 NOTATION = re.compile(r"\^|\|[^|]+\||\b[a-zA-Z]_[a-zA-Z0-9]\b|\blambda\b|\bsqrt\b")
+
+
+def test_methods_describe_every_method_and_option_in_words():
+    result = in_process("methods")
+    assert result.exit_code == 0, result.output
+    for name, function in bilevel.METHODS.items():
+        assert re.search(rf"^{re.escape(name)}\n    \w", result.output, re.M), name
+        options = inspect.signature(function).parameters.values()
+        for option in (p for p in options if p.kind is inspect.Parameter.KEYWORD_ONLY):
+            required = option.default is inspect.Parameter.empty
+            shown = option.name if required else f"{option.name}={option.default!r}"
+            assert re.search(rf"^    - {re.escape(shown)}: \w", result.output, re.M), shown
+    assert "window=None: differentiate only the last `window` steps" in result.output
+    assert list(GUIDE) == list(bilevel.METHODS)  # no method or option described that is gone
+    for name, guide in GUIDE.items():
+        assert list(guide.options) == list(option_defaults(bilevel.METHODS[name])), name
+    assert not NOTATION.search(result.output), NOTATION.search(result.output)
 
 
 @pytest.mark.parametrize("command", EXPERIMENTS, ids=" ".join)

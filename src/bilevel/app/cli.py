@@ -22,18 +22,11 @@ def main() -> None:
 @main.command()
 def methods() -> None:
     """List the hypergradient methods and their options."""
-    import inspect
-
     from bilevel import METHODS
 
-    for name, function in METHODS.items():
-        options = [
-            f"{p.name}={p.default!r}" if p.default is not inspect.Parameter.empty else p.name
-            for p in inspect.signature(function).parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY
-        ]
-        summary = (function.__doc__ or "").strip().splitlines()[0]
-        click.echo(f"{name:18s} {summary}\n{'':18s} options: {', '.join(options) or 'none'}")
+    from .method_guide import describe_methods
+
+    click.echo(describe_methods(METHODS))
 
 
 _OVERWRITE = click.option(

@@ -1,8 +1,9 @@
 """What the test files share: where the data sets are, the `bilevel` command as users run it (a
 process of its own) or in this process, and the marks that skip a test without its data.
 
-Tests marked `e2e` run the command line in processes of their own, train, or start torchrun: they
-take seconds to minutes each. `python -m pytest -m "not e2e"` is the quick unit loop.
+Tests marked `e2e` run the command line in processes of their own, train, start torchrun, or
+otherwise take more than about 2 s: seconds to minutes each. `python -m pytest -m "not e2e"` is
+the quick unit loop.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from bilevel.app.cli import main as cli
 ROOT = Path(__file__).resolve().parents[1]
 # the shared data sets: $BILEVEL_DATA, else ../shared/data beside this checkout
 DATA = Path(os.environ.get("BILEVEL_DATA", ROOT.parent / "shared" / "data"))
-# one thread, as `bilevel` runs in process: the same float sums, so the same numbers
+# the command's processes on one thread, as in_process runs it: the same float sums, so the same
+# numbers, and no more threads than a 2-core machine has when several processes run
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -39,26 +41,26 @@ needs_mnist = needs("mnist", "MNIST")
 needs_omniglot = needs("omniglot", "Omniglot")
 
 
-def bilevel_command(*args, timeout: float = 600, env: dict = ONE_THREAD):
+def bilevel_command(*args, timeout: float = 600):
     """`python -m bilevel ARGS` in a process of its own: its CompletedProcess (text output)."""
     return subprocess.run(
         [sys.executable, "-m", "bilevel", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=env,
+        env=ONE_THREAD,
     )
 
 
-def start_bilevel(*args, stdout=None, env: dict = ONE_THREAD) -> subprocess.Popen:
+def start_bilevel(*args, stdout=None) -> subprocess.Popen:
     """`python -m bilevel ARGS` started and left running (to be interrupted or killed); its
-    standard error is piped, as text."""
+    standard error is piped, as text, and its standard output goes to `stdout`."""
     return subprocess.Popen(
         [sys.executable, "-m", "bilevel", *map(str, args)],
         stdout=stdout,
         stderr=subprocess.PIPE,
         text=True,
-        env=env,
+        env=ONE_THREAD,
     )
 
 

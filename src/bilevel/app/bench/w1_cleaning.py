@@ -16,7 +16,7 @@ import bilevel
 from .common import LOWER_BOUND, Impl, classification_data
 
 N, N_VAL, DIM, CLASSES, LR = 5000, 5000, 784, 10, 0.1
-POLICIES = ("graph", "trajectory", "checkpoint")
+POLICIES = ("graph", "activations", "trajectory", "checkpoint")
 SAVING = ("trajectory", "checkpoint")  # the only policies that fit T = 10,000 (graph: ~10 GB)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, get_args
 
 from pydantic import Field, model_validator
 
@@ -19,18 +19,28 @@ EXAMPLES = {"omniglot": 20, "miniimagenet": 600}
 IMAGES = {"omniglot": (1, 28), "miniimagenet": (3, 84)}  # channels, side
 
 # Settings that change neither the training trajectory nor its checkpoints: a run may be
-# resumed with a larger budget, and tested with other test settings.
+# resumed with a larger budget, and tested with other test settings. (Meta-validation has its
+# own batch-norm mode, val_batch_norm, which is hashed: it decides which network is best.pt
+# and when training stops early.)
 TEST_KEYS = frozenset(
     {"test_classes", "test_episodes", "test_steps", "test_batch_norm", "test_seed", "device"}
 )
-NOT_HASHED = TEST_KEYS - {"test_batch_norm"} | {"iterations", "checkpoint_every"}
+NOT_HASHED = TEST_KEYS | {"iterations", "checkpoint_every"}
 # Settings added after runs were checkpointed, with the value that means "not used": at that
 # value they are left out of a checkpoint's identity, so the earlier runs still load.
 ADDED_LATER = {"init_from": None, "feature_norm": None}
 # Episode settings a test may change: a representation trained on 5-way episodes tested on
 # 20-way ones, or a classical network on every cell.
 EPISODE_KEYS = frozenset({"ways", "shots", "queries"})
-# (validation uses test_batch_norm)
+# How an episode's images meet batch norm outside training (learners._episode_features).
+BatchNormMode = Literal["transductive", "separate", "running"]
+BATCH_NORM_MODES = get_args(BatchNormMode)
+_BATCH_NORM_HELP = (
+    "transductive: each episode's support+query images form one batch-norm batch (its own "
+    "statistics; as train_batch_norm=episode trains); separate: the support images one batch, "
+    "the query images another (as the paper's code and MAML's do, in training too); running: "
+    "the running statistics of meta-training, each image on its own (inductive)"
+)
 
 
 class FewshotConfig(ExperimentConfig):
@@ -132,11 +142,13 @@ class FewshotConfig(ExperimentConfig):
         min_length=1,
         description="the numbers of inner steps to test with (inner_steps is added)",
     )
-    test_batch_norm: Literal["transductive", "running"] = Field(
+    val_batch_norm: BatchNormMode = Field(
+        "transductive", description=f"batch norm at meta-validation. {_BATCH_NORM_HELP}"
+    )
+    test_batch_norm: BatchNormMode = Field(
         "transductive",
-        description="batch normalisation in meta-testing and meta-validation. transductive: "
-        "each episode's images are normalised by their own statistics (as in MAML and the "
-        "paper's code); running: by the running statistics of meta-training",
+        description=f"batch norm at meta-test (a test setting: any trained run takes any mode). "
+        f"{_BATCH_NORM_HELP}",
     )
     test_seed: int = Field(1, ge=0, description="seed that draws the meta-test episodes")
 

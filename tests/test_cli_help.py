@@ -8,13 +8,13 @@ import re
 import pytest
 
 import bilevel
-from bilevel.app.experiments import fewshot, registry
+from bilevel.app.experiments import convergence, fewshot, hparams, hyperclean
 from bilevel.app.experiments.config import ConfigError, resolve
 from bilevel.app.method_guide import GUIDE, option_defaults
 from tests.conftest import in_process, one_line
 
 EXPERIMENTS = {
-    **{(name,): experiment for name, experiment in registry().items()},
+    **{(m.EXPERIMENT.name,): m.EXPERIMENT for m in (hyperclean, hparams, convergence)},
     ("fewshot", "train"): fewshot.TRAIN,
     ("fewshot", "classical"): fewshot.CLASSICAL,
 }

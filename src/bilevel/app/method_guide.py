@@ -21,9 +21,10 @@ class MethodGuide:
 
 _MEMORY = (
     "what the backward pass keeps of the inner steps: 'graph' keeps every step's autograd "
-    "graph (fastest, the most memory); 'trajectory' keeps each step's state and recomputes "
-    "one step's graph at a time; 'checkpoint' keeps the state every few steps and recomputes "
-    "the steps between (the least memory)"
+    "graph (fastest, the most memory); 'activations' keeps each step's state and the values "
+    "its loss computed, and recomputes only the step's gradient (in between); 'trajectory' "
+    "keeps each step's state and recomputes one step's graph at a time; 'checkpoint' keeps "
+    "the state every few steps and recomputes the steps between (the least memory)"
 )
 _CHECKPOINT_EVERY = (
     "with memory='checkpoint': inner steps between kept states (None: the square root of the "

@@ -6,13 +6,15 @@ interrupted run (Ctrl-C) still leaves a valid summary.json whose status says so.
 
 Under torchrun only rank 0 writes: the Run of every other rank is silent and writes nothing
 (its methods do nothing, its log goes nowhere), so N processes never write the same files.
+
+The console log goes through tqdm, so a log line never breaks into a progress bar; the final
+status line goes to run.log only (the command line prints it once).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Iterable
@@ -20,6 +22,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .checkpoints import BEST, CHECKPOINT
+from .distributed import env_rank
 from .files import atomic_write, remove_partial_writes, write_atomic
 
 __all__ = [
@@ -33,7 +37,7 @@ __all__ = [
 ]
 
 RESULTS = ("config.json", "metrics.jsonl", "summary.json", "run.log")  # every run writes these
-CHECKPOINTS = ("checkpoint.pt", "best.pt")  # what a run continues from, or is tested from
+CHECKPOINTS = (CHECKPOINT, BEST)  # what a run continues from, or is tested from
 
 
 def save_figure(figure, path: Path) -> Path:
@@ -66,13 +70,27 @@ def _jsonable(value):
 
 
 class Run:
-    """The output directory of one experiment run."""
+    """The output directory of one experiment run.
 
-    def __init__(self, out: Path, config: dict, *, quiet: bool = False):
+    Args:
+        out: the directory (created).
+        config: the resolved configuration, written to config.json.
+        quiet: no progress bar and no log on the console.
+        writes: whether this process writes (default: rank 0 of torchrun's environment).
+    """
+
+    def __init__(
+        self,
+        out: Path,
+        config: dict,
+        *,
+        quiet: bool = False,
+        writes: bool | None = None,
+    ):
         self.out = Path(out)
         self.started = time.time()
         self.summary: dict = {"status": "running"}
-        self.writes = _rank() == 0
+        self.writes = env_rank() == 0 if writes is None else writes
         if not self.writes:  # another rank of a torchrun job: rank 0 writes
             self.quiet, self._metrics = True, None
             self.log = _silent_logger()
@@ -129,7 +147,13 @@ class Run:
         """A live progress bar on a terminal; silent in logs, CI and pipes."""
         disable = self.quiet or not sys.stderr.isatty()
         return tqdm(
-            iterable, total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True
+            iterable,
+            total=total,
+            desc=desc,
+            disable=disable,
+            leave=False,
+            dynamic_ncols=True,
+            file=sys.stderr,
         )
 
     def finish(self, status: str, error: str | None = None) -> None:
@@ -142,7 +166,8 @@ class Run:
             return
         self._metrics.close()
         why = "" if error is None else f"{error}; "
-        self.log.info("%s: %sresults in %s", status, why, self.out)
+        # run.log only: the command line prints the outcome once, --quiet or not
+        self.log.info("%s: %sresults in %s", status, why, self.out, extra={FILE_ONLY: True})
         for handler in list(self.log.handlers):
             handler.close()
             self.log.removeHandler(handler)
@@ -177,13 +202,6 @@ def _status(out: Path) -> str:
     return status if isinstance(status, str) and status else "unfinished"
 
 
-def _rank() -> int:
-    """This process's rank under torchrun (0 otherwise), read from the environment."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
-        return 0
-    return int(os.environ.get("RANK", "0") or 0)
-
-
 def _silent_logger() -> logging.Logger:
     logger = logging.getLogger("bilevel.run.silent")
     logger.propagate = False
@@ -202,6 +220,22 @@ def _check_writable(out: Path) -> None:
         raise PermissionError(f"--out {out}: cannot write there ({error.strerror})") from error
 
 
+FILE_ONLY = "file_only"  # a record with this attribute set goes to run.log, not the console
+
+
+class _Console(logging.Handler):
+    """The console: each record written through tqdm, which lifts a progress bar off its line
+    and redraws it below, so a log line never lands in the middle of a bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, FILE_ONLY, False):
+            return
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001  (logging's own policy: report, never raise)
+            self.handleError(record)
+
+
 def _file_logger(path: Path, quiet: bool) -> logging.Logger:
     logger = logging.getLogger(f"bilevel.run.{path.parent}")
     logger.setLevel(logging.INFO)
@@ -212,7 +246,7 @@ def _file_logger(path: Path, quiet: bool) -> logging.Logger:
     file_handler.setFormatter(formatter)
     logger.addHandler(file_handler)
     if not quiet:
-        console = logging.StreamHandler(sys.stderr)
+        console = _Console()
         console.setFormatter(formatter)
         logger.addHandler(console)
     return logger

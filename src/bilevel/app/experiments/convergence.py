@@ -42,7 +42,9 @@ from torch.nn import functional as F
 
 import bilevel
 
+from .. import plots
 from ..data import load_omniglot
+from ..plots import Curve, Panel
 from . import Experiment, stages
 from .common import accuracy, linear_logits, seed_everything, zero_linear
 from .config import StagedConfig
@@ -351,33 +353,21 @@ def table(rows: list[dict]) -> str:
 
 def plot_against_T(run, rows: list[dict], key: str, key_T: str, ylabel: str, name: str) -> None:
     """`key` at each run's lambda_T against T (log axis); the exact run's as a horizontal line."""
-    import matplotlib.pyplot as plt
-
     runs = [r for r in rows if r["T"] is not None]
     horizons = [r["T"] for r in runs]
-    figure, axis = plt.subplots(figsize=(5, 3.5))
-    axis.plot(horizons, [r[key] for r in runs], "o-", label="inner solved exactly at lambda_T")
-    axis.plot(horizons, [r[key_T] for r in runs], "s--", label="T inner steps at lambda_T")
-    for r in rows:
-        if r["T"] is None:
-            axis.axhline(r[key], color="black", linestyle=":", label="lambda of the exact problem")
-    axis.set_xscale("log")
-    axis.set_xlabel("T (inner steps while lambda was optimised)")
-    axis.set_ylabel(ylabel)
-    axis.legend()
-    run.plot(figure, name)
+    curves = [
+        Curve("inner solved exactly at lambda_T", horizons, [r[key] for r in runs], "o-"),
+        Curve("T inner steps at lambda_T", horizons, [r[key_T] for r in runs], "s--"),
+    ]
+    exact = [r[key] for r in rows if r["T"] is None]
+    lines = {"lambda of the exact problem": exact[0]} if exact else {}
+    xlabel = "T (inner steps while lambda was optimised)"
+    panel = Panel(curves, xlabel, ylabel, xscale="log", lines=lines)
+    run.plot(plots.figure([panel]), name)
 
 
 def plot_curves(run, histories: dict[str, list[dict]]) -> None:
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(5, 3.5))
-    for label, history in histories.items():
-        axis.plot([m["outer_loss"] for m in history], label=label)
-    axis.set_xlabel("hyper-iteration")
-    axis.set_ylabel("f_T (exact: f)")
-    axis.legend()
-    run.plot(figure, "outer_loss")
+    run.plot(plots.figure([plots.histories(histories, "f_T (exact: f)")]), "outer_loss")
 
 
 def run_experiment(config: ConvergenceConfig, run, data_dir: Path | None, resume=None) -> None:

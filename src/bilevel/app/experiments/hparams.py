@@ -40,7 +40,9 @@ from torch.nn import functional as F
 
 import bilevel
 
+from .. import plots
 from ..data import load_mnist
+from ..plots import Curve, Panel
 from . import Experiment, stages
 from .common import seed_everything
 from .config import StagedConfig
@@ -455,54 +457,46 @@ def pick(values: dict) -> dict[str, float]:
 
 
 def plot_hyperparameters(run, results, best):
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-    for axis, name in zip(axes, NAMES):
-        for result in results:
-            steps = [p["inner_step"] for p in result["trajectory"]]
-            axis.plot(steps, [p[name] for p in result["trajectory"]], label=result["mode"])
-        if best is not None:
-            axis.axhline(best[name], color="grey", linestyle="--", label="random search best")
-        axis.set_yscale("linear" if name == "momentum" else "log")
-        axis.set_xlabel("inner steps taken")
-        axis.set_title(name.replace("_", " "))
-    axes[0].legend()
-    run.plot(figure, "hyperparameters")
+    panels = []
+    for name in NAMES:
+        curves = [
+            Curve(r["mode"], [p["inner_step"] for p in r["trajectory"]],
+                  [p[name] for p in r["trajectory"]])
+            for r in results
+        ]  # fmt: skip
+        lines = {} if best is None else {"random search best": best[name]}
+        scale = "linear" if name == "momentum" else "log"
+        title = name.replace("_", " ")
+        panels.append(Panel(curves, "inner steps taken", title=title, yscale=scale, lines=lines))
+    run.plot(plots.figure(panels, width=13 / 3), "hyperparameters")
 
 
 def plot_validation(run, results):
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(5.5, 3.5))
-    for result in results:
-        # update k reports the loss of the w reached by then: trajectory point k (0 = start)
-        steps = [p["inner_step"] for p in result["trajectory"][1:]]
-        axis.plot(steps, [m["outer_loss"] for m in result["history"]], label=result["mode"])
-    axis.set_xlabel("inner steps taken")
-    axis.set_ylabel("validation loss of the current w")
-    axis.legend()
-    run.plot(figure, "validation_loss")
+    # update k reports the loss of the w reached by then: trajectory point k (0 = start)
+    curves = [
+        Curve(r["mode"], [p["inner_step"] for p in r["trajectory"][1:]],
+              [m["outer_loss"] for m in r["history"]])
+        for r in results
+    ]  # fmt: skip
+    panel = Panel(curves, "inner steps taken", "validation loss of the current w")
+    run.plot(plots.figure([panel], width=5.5), "validation_loss")
 
 
 def plot_wall_time(run, curves, trials):
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 2, figsize=(11, 3.5), sharey=True)
-    for axis, (clock, label) in zip(axes, (("elapsed", "wall time"), ("cpu", "CPU time"))):
+    panels = []
+    for clock, label in (("elapsed", "wall time"), ("cpu", "CPU time")):
+        lines = []
         for mode, points in curves.items():
             shown = [p for p in points if p["val_loss"] is not None]
-            axis.plot([p[clock] for p in shown], [p["val_loss"] for p in shown], "o-", label=mode)
+            losses = [p["val_loss"] for p in shown]
+            lines.append(Curve(mode, [p[clock] for p in shown], losses, "o-"))
         shown = [t for t in trials or [] if t["best_val_loss"] is not None]
         if shown:
-            times = [t[clock] for t in shown]
-            best = [t["best_val_loss"] for t in shown]
-            axis.step(times, best, where="post", label="random search, best so far")
-        axis.set_xlabel(f"{label} (s)")
-        axis.set_yscale("log")
-    axes[0].set_ylabel("f_T: validation loss after T steps")
-    axes[0].legend()
-    run.plot(figure, "wall_time")
+            times, best = [t[clock] for t in shown], [t["best_val_loss"] for t in shown]
+            lines.append(Curve("random search, best so far", times, best, steps=True))
+        ylabel = "f_T: validation loss after T steps" if not panels else None
+        panels.append(Panel(lines, f"{label} (s)", ylabel, yscale="log"))
+    run.plot(plots.figure(panels, width=5.5, sharey=True), "wall_time")
 
 
 def run_experiment(config: HparamsConfig, run, data_dir: Path | None, resume=None) -> None:

@@ -23,6 +23,7 @@ from torch.nn import functional as F
 import bilevel
 from bilevel.constraints import L1Ball
 
+from .. import plots
 from ..data import load_mnist
 from . import Experiment, stages
 from .common import accuracy, f1_score, linear_logits, seed_everything, train_linear, zero_linear
@@ -276,15 +277,8 @@ def plot_weights(run, results, data):
 
 
 def plot_curves(run, histories):
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(5, 3.5))
-    for radius, history in histories.items():
-        axis.plot([m["outer_loss"] for m in history], label=f"R = {radius:g}")
-    axis.set_xlabel("hyper-iteration")
-    axis.set_ylabel("validation loss of w_T")
-    axis.legend()
-    run.plot(figure, "outer_loss")
+    labelled = {f"R = {radius:g}": history for radius, history in histories.items()}
+    run.plot(plots.figure([plots.histories(labelled, "validation loss of w_T")]), "outer_loss")
 
 
 def run_experiment(config: HypercleanConfig, run, data_dir: Path | None, resume=None) -> None:

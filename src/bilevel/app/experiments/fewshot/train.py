@@ -32,8 +32,9 @@ import torch
 
 from bilevel import BilevelError, HypergradientError, InnerDivergenceError
 
-from ... import checkpoints, distributed
+from ... import checkpoints, distributed, plots
 from ...data import Episodes
+from ...plots import Curve, Panel
 from ...runs import remove_partial_writes
 from ..common import seed_everything
 from .config import FewshotConfig
@@ -497,14 +498,10 @@ def _stop_requests():
 
 
 def plot_curves(run, history: list[dict]) -> None:
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 3.5))
+    curves = []
     for kind, label in (("train", "meta-train query (window mean)"), ("val", "meta-validation")):
         points = [(x["iteration"], x["accuracy"]) for x in history if x.get("kind") == kind]
         if points:
-            axis.plot(*zip(*points), label=label, marker="o" if kind == "val" else None)
-    axis.set_xlabel("iteration")
-    axis.set_ylabel("accuracy (%)")
-    axis.legend()
-    run.plot(figure, "learning_curve")
+            curves.append(Curve(label, *zip(*points), style="o-" if kind == "val" else "-"))
+    panel = Panel(curves, "iteration", "accuracy (%)")
+    run.plot(plots.figure([panel], width=6), "learning_curve")

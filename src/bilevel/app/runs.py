@@ -24,17 +24,9 @@ from tqdm import tqdm
 
 from .checkpoints import BEST, CHECKPOINT
 from .distributed import env_rank
-from .files import atomic_write, remove_partial_writes, write_atomic
+from .files import atomic_write, write_atomic
 
-__all__ = [
-    "Run",
-    "atomic_write",
-    "clear_run",
-    "previous_run",
-    "remove_partial_writes",
-    "save_figure",
-    "to_json",
-]
+__all__ = ["Run", "atomic_write", "clear_run", "previous_run", "save_figure", "to_json"]
 
 RESULTS = ("config.json", "metrics.jsonl", "summary.json", "run.log")  # every run writes these
 CHECKPOINTS = (CHECKPOINT, BEST)  # what a run continues from, or is tested from

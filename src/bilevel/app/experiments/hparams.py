@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -317,7 +318,51 @@ def hyper_optimizer(task: Task, mode: str, hparams):
     )
 
 
-def learn(task: Task, mode: str, run, stage) -> dict:
+class ModeSteps:
+    """One gradient-based mode as the driver's steppable: a step is one update of the
+    hyperparameters. A diverging update ends the mode (its status says so), not the run."""
+
+    def __init__(self, task: Task, mode: str, loop, hparams, initial: dict[str, float]):
+        self.task, self.mode, self.loop, self.hparams = task, mode, loop, hparams
+        # the hyperparameters after each update, with the time and inner steps they took
+        self.trajectory = [{"elapsed": 0.0, "cpu": 0.0, "inner_step": 0, **initial}]
+        self.clock = Stopwatch()
+        self.status: str | None = None  # how it stopped early
+
+    def step(self) -> dict | None:
+        try:
+            metrics = self.loop.step()
+        except (bilevel.InnerDivergenceError, bilevel.HypergradientError) as error:
+            self.status = f"diverged at update {len(self.loop.history) + 1}: {error}"
+            return None
+        point = {
+            **self.clock.read(),  # since the mode began: where random search is compared
+            "inner_step": metrics.get(
+                "inner_step", metrics["iteration"] * self.task.config.inner_steps
+            ),
+            **readable(self.hparams),
+        }
+        self.trajectory.append(point)
+        return {"mode": self.mode, **metrics, **point}
+
+    def stop_reason(self) -> str | None:
+        return self.status
+
+    def bar(self) -> dict[str, float]:
+        last = self.loop.history[-1] if self.loop.history else {}
+        return {"outer_loss": last.get("outer_loss", math.nan), "lr": self.trajectory[-1]["lr"]}
+
+    def state_dict(self) -> dict:
+        extra = {"trajectory": self.trajectory, "clock": self.clock.read()}
+        return {"loop": self.loop.state_dict(), "extra": extra}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loop.load_state_dict(state["loop"])
+        self.trajectory = state["extra"]["trajectory"]
+        self.clock = Stopwatch(state["extra"]["clock"])
+
+
+def learn(task: Task, mode: str, stage) -> dict:
     """Run one mode, continued from the stage's checkpoint if it was interrupted; returns its
     trajectory (hyperparameters after each update, with the wall time and inner steps at which
     they were reached) and how it ended."""
@@ -328,40 +373,18 @@ def learn(task: Task, mode: str, run, stage) -> dict:
         updates = config.total_real_time_steps // config.every
     else:
         updates = config.hyper_iterations
-    loop = hyper_optimizer(task, mode, hparams)
-    done, saved = stage.restore(loop)
-    trajectory = [{"elapsed": 0.0, "cpu": 0.0, "inner_step": 0, **initial}]
-    if saved is not None:
-        trajectory = saved["trajectory"]
-    status, bar = "completed", run.progress(total=updates, desc=mode)
-    bar.update(done)
-    clock = Stopwatch(None if saved is None else saved["clock"])
-    for iteration in range(done + 1, updates + 1):
-        try:
-            metrics = loop.step()
-        except (bilevel.InnerDivergenceError, bilevel.HypergradientError) as error:
-            status = f"diverged at update {iteration}: {error}"
-            run.log.info("%s: %s", mode, status)
-            break
-        point = {
-            **clock.read(),  # since the mode began: where random search is compared
-            "inner_step": metrics.get("inner_step", iteration * config.inner_steps),
-            **readable(hparams),
-        }
-        trajectory.append(point)
-        stage.metrics(**{"mode": mode, **metrics, **point})
-        stage.done(loop, iteration, updates, {"trajectory": trajectory, "clock": clock.read()})
-        bar.update()
-        bar.set_postfix(outer=f"{metrics['outer_loss']:.4f}", lr=f"{point['lr']:.3g}")
-    bar.close()
+    steps = ModeSteps(task, mode, hyper_optimizer(task, mode, hparams), hparams, initial)
+    stage.loop(steps, updates, unit="update")
+    trajectory = steps.trajectory
+    status = steps.status or "completed"
     # On divergence the last update produced hyperparameters that cannot train; keep the
     # last ones whose run completed.
     last = trajectory[-2] if status != "completed" and len(trajectory) > 1 else trajectory[-1]
     return {
         "mode": mode,
         "status": status,
-        **clock.read(),
-        "history": loop.history,
+        **steps.clock.read(),
+        "history": steps.loop.history,
         "trajectory": trajectory,
         "final": pick(last),
     }
@@ -499,14 +522,10 @@ def plot_wall_time(run, curves, trials):
     run.plot(plots.figure(panels, width=5.5, sharey=True), "wall_time")
 
 
-def run_experiment(config: HparamsConfig, run, data_dir: Path | None, resume=None) -> None:
-    """Stages: one per mode, then random search in their time (bilevel.app.experiments.stages)."""
-    with stages.session("hparams", config, run, resume) as session:
-        _run_stages(session, run, data_dir)
-
-
-def _run_stages(session, run, data_dir) -> None:
-    config = session.config
+def run_experiment(config: HparamsConfig, run, data_dir: Path | None) -> None:
+    """Stages: one per mode, then random search in their time (bilevel.app.experiments.stages),
+    on the driver ``run``."""
+    session = stages.Stages(run)
     generator = seed_everything(config.seed)
     data = make_data(config, data_dir, generator)
     task = Task(config, data, generator)
@@ -524,7 +543,7 @@ def _run_stages(session, run, data_dir) -> None:
     def report(mode, result):
         run.log.info("%s: %s in %.1f s", mode, result["status"], result["elapsed"])
 
-    learned = session.map(config.modes, lambda mode, stage: learn(task, mode, run, stage), report)
+    learned = session.map(config.modes, lambda mode, stage: learn(task, mode, stage), report)
     results = list(learned.values())
     trials = None
     if config.random_search:
@@ -558,13 +577,13 @@ def _run_stages(session, run, data_dir) -> None:
 
 def log_row(run, row: dict) -> None:
     run.log.info(
-        "%s: lr %.3g, momentum %.3f, wd %.3g -> val %s, test acc %s (%.1f s, %.1f s CPU)",
+        "%s: lr %.3g, momentum %.3g, wd %.3g -> val %s, test acc %s (%.1f s, %.1f s CPU)",
         row["mode"],
         row["lr"],
         row["momentum"],
         row["weight_decay"],
-        row["val_loss"],
-        row["test_accuracy"],
+        rounded(row["val_loss"]),
+        rounded(row["test_accuracy"]),
         row["seconds"],
         row["cpu_seconds"],
     )
@@ -574,9 +593,14 @@ def log_row(run, row: dict) -> None:
                 "  random search in the same %s time (%d trials): val %s, test acc %s",
                 label,
                 row[f"random_trials{suffix}"],
-                row[f"random{suffix}"]["val_loss"],
-                row[f"random{suffix}"]["test_accuracy"],
+                rounded(row[f"random{suffix}"]["val_loss"]),
+                rounded(row[f"random{suffix}"]["test_accuracy"]),
             )
+
+
+def rounded(value: float | None) -> str:
+    """A number of a log line to 4 significant digits; "-" for none (a diverged run)."""
+    return "-" if value is None else f"{value:.4g}"
 
 
 EXPERIMENT = Experiment(
@@ -586,4 +610,5 @@ EXPERIMENT = Experiment(
     config=HparamsConfig,
     presets=PRESETS,
     run=run_experiment,
+    identity=partial(stages.identity, "hparams"),
 )

@@ -1,6 +1,7 @@
 """The driver of long runs (bilevel.app.driver) on a small stochastic steppable of its own:
 resumed equals uninterrupted, a stop request writes a checkpoint, a divergence is recorded with
-its reason, warnings are logged once. In process: each test takes a second or two."""
+its reason, warnings are logged once; TensorBoard scalars equal the metrics lines. In process:
+each test takes a second or two."""
 
 import json
 import os
@@ -14,6 +15,8 @@ from bilevel.app import checkpoints, driver
 from bilevel.app.driver import Diverged, MovingAverage, Position, RunStopped
 from bilevel.app.experiments import Experiment
 from bilevel.app.experiments.config import ExperimentConfig
+from tests.test_cli_runs import TINY, needs_mnist
+from tests.test_fewshot import in_process
 
 CONFIG = ExperimentConfig()
 IDENTITY = {"experiment": "toy", "lr": 0.1}
@@ -168,3 +171,40 @@ def test_the_moving_average_of_the_progress_bar_is_bias_corrected():
     for _ in range(200):
         average.add(50.0)
     assert average.value == pytest.approx(50.0)
+
+
+def test_tensorboard_scalars_are_the_metrics_lines_and_a_resume_rewrites_them(tmp_path):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert execute(out, toy(signal_at=6), tensorboard=True) == "interrupted"
+    execute(out, resume=driver.read(out, IDENTITY), tensorboard=True)
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert events.Tags()["scalars"] == ["train/loss"]
+    scalars = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    expected = [(x["iteration"], pytest.approx(x["loss"], rel=1e-6)) for x in lines(out)]
+    assert scalars == expected  # each step once: the first start's events were replaced
+    assert len(list((out / "tensorboard").iterdir())) == 1
+
+
+def test_a_run_without_tensorboard_writes_no_events(tmp_path):
+    execute(tmp_path)
+    assert not (tmp_path / "tensorboard").exists()
+
+
+@needs_mnist
+def test_the_tensorboard_flag_writes_an_experiments_metrics_lines(tmp_path):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = in_process("hyperclean", *TINY, "--out", tmp_path, "--tensorboard")
+    assert result.exit_code == 0, result.output
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    written = lines(tmp_path)
+    assert len(written) == 2 and {x["run"] for x in written} == {"R=100"}
+    for key in ("outer_loss", "hypergradient_norm", "f1"):
+        scalars = [(e.step, e.value) for e in events.Scalars(f"R=100/reverse/{key}")]
+        assert scalars == [(x["iteration"], pytest.approx(x[key], rel=1e-6)) for x in written]

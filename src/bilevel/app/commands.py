@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from importlib.util import find_spec
 from pathlib import Path
 
 import click
@@ -102,6 +103,7 @@ def run(
     *,
     resume=None,
     overwrite=False,
+    tensorboard=False,
 ) -> None:
     """Run into ``out``; expected failures are one line (exit 1), Ctrl-C exits 130. A new run
     (no ``resume``) does not replace a run already in ``out`` unless ``overwrite``; the refusal
@@ -113,7 +115,9 @@ def run(
     if resume is None and env_rank() == 0:  # under torchrun, rank 0 writes: it alone checks
         _claim(out, overwrite, resumable=experiment.identity is not None)
     try:
-        status = execute(experiment, config, out, data_dir, quiet, resume=resume)
+        status = execute(
+            experiment, config, out, data_dir, quiet, resume=resume, tensorboard=tensorboard
+        )
     except EXPECTED as error:  # expected failures: one line, exit 1
         raise click.ClickException(str(error)) from None
     if status == "interrupted":
@@ -150,13 +154,18 @@ def show(config) -> None:
 
 
 def experiment_command(experiment) -> click.Command:
-    """The standard command of an experiment: the options every run takes, and --resume and
-    --overwrite."""
+    """The standard command of an experiment: the options every run takes, and --resume,
+    --overwrite and --tensorboard."""
 
     @click.command(experiment.command or experiment.name, help=experiment.summary)
     @experiment_options(experiment.presets)
     @click.option("--resume", is_flag=True, help="continue the run in --out from its checkpoint")
     @OVERWRITE
+    @click.option(
+        "--tensorboard",
+        is_flag=True,
+        help="also write the metrics as TensorBoard scalars in OUT/tensorboard",
+    )
     def command(
         preset,
         config_path,
@@ -169,6 +178,7 @@ def experiment_command(experiment) -> click.Command:
         show_config,
         resume,
         overwrite,
+        tensorboard,
     ):
         from .checkpoints import restarted
 
@@ -176,9 +186,22 @@ def experiment_command(experiment) -> click.Command:
         if show_config:
             show(config)
             return
+        if tensorboard and find_spec("tensorboard") is None:
+            raise click.UsageError(
+                "--tensorboard: tensorboard is not installed (pip install 'bilevel[tensorboard]')"
+            )
         overwrite = overwrite and not restarted()  # the first attempt replaced the old run
         state = _read_checkpoint(experiment, config, resume, overwrite, out)
-        run(experiment, config, out, data_dir, quiet, resume=state, overwrite=overwrite)
+        run(
+            experiment,
+            config,
+            out,
+            data_dir,
+            quiet,
+            resume=state,
+            overwrite=overwrite,
+            tensorboard=tensorboard,
+        )
 
     return command
 

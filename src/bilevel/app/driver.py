@@ -4,8 +4,8 @@ An experiment hands the driver something that steps (a :class:`Steppable`: ``ste
 ``state_dict()`` and ``load_state_dict()``, with optional hooks) and the driver owns the rest:
 
 - the run's output directory: the driver is the run's :class:`~bilevel.app.runs.Run`
-  (config.json, metrics.jsonl, summary.json, run.log, plots), written by rank 0 alone under
-  torchrun;
+  (config.json, metrics.jsonl, summary.json, run.log, plots, TensorBoard scalars), written by
+  rank 0 alone under torchrun;
 - the process group of torchrun's processes (:mod:`bilevel.app.distributed`), closed at the end;
 - checkpoints: named, bound to the run's identity (the settings behind its numbers), written
   whole by rank 0 (:mod:`bilevel.app.checkpoints`), read and verified before anything of the
@@ -139,8 +139,8 @@ class Driver(Run):
     process group released on exit.
 
     Args:
-        out, resolved, quiet: as for :class:`~bilevel.app.runs.Run` (``resolved`` is what
-            config.json holds).
+        out, resolved, quiet, tensorboard: as for :class:`~bilevel.app.runs.Run` (``resolved``
+            is what config.json holds).
         config: the validated ExperimentConfig; ``self.config`` is it on this rank's device.
         identity: what the run's checkpoints are bound to (None: the run writes none).
         resume: the checkpoint to continue from (:func:`read`); rank 0's is every rank's.
@@ -155,10 +155,13 @@ class Driver(Run):
         identity: dict | None = None,
         resume: dict | None = None,
         quiet: bool = False,
+        tensorboard: bool = False,
     ):
         self.group = distributed.init(config.device)  # first: who writes
         try:
-            super().__init__(out, resolved, quiet=quiet, writes=self.group.main)
+            super().__init__(
+                out, resolved, quiet=quiet, writes=self.group.main, tensorboard=tensorboard
+            )
             if self.writes:
                 remove_partial_writes(self.out)
             self.resume = self.group.broadcast(resume)  # every rank starts from the same
@@ -385,6 +388,7 @@ def execute(
     quiet: bool = False,
     *,
     resume: dict | None = None,
+    tensorboard: bool = False,
 ) -> str:
     """Run ``experiment`` (bilevel.app.experiments.Experiment) into ``out``; returns its final
     status.
@@ -402,7 +406,15 @@ def execute(
         "config": config.model_dump(),
     }
     identity = None if experiment.identity is None else experiment.identity(config)
-    with Driver(out, resolved, config, identity=identity, resume=resume, quiet=quiet) as driver:
+    with Driver(
+        out,
+        resolved,
+        config,
+        identity=identity,
+        resume=resume,
+        quiet=quiet,
+        tensorboard=tensorboard,
+    ) as driver:
         try:
             experiment.run(driver.config, driver, data_dir)
         except KeyboardInterrupt:

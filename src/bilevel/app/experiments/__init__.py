@@ -62,19 +62,6 @@ def command_line() -> list:
     return [hyperclean.EXPERIMENT, hparams.EXPERIMENT, convergence.EXPERIMENT, fewshot.GROUP]
 
 
-def registry() -> dict[str, Experiment]:
-    """Every experiment by name, those of groups included."""
-    found: dict[str, Experiment] = {}
-    entries = list(command_line())
-    while entries:
-        entry = entries.pop(0)
-        if isinstance(entry, Group):
-            entries.extend(entry.commands)
-        elif isinstance(entry, Experiment):
-            found[entry.name] = entry
-    return found
-
-
 def with_inputs(experiment: Experiment, **inputs) -> Experiment:
     """The experiment with keyword inputs its run needs beyond (config, driver, data_dir)."""
     return replace(experiment, run=partial(experiment.run, **inputs))

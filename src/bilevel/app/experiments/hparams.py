@@ -47,6 +47,7 @@ from ..plots import Curve, Panel
 from . import Experiment, stages
 from .common import seed_everything
 from .config import StagedConfig
+from .stages import HyperSteps
 
 CLASSES = 10
 FEATURES = 784
@@ -318,48 +319,24 @@ def hyper_optimizer(task: Task, mode: str, hparams):
     )
 
 
-class ModeSteps:
-    """One gradient-based mode as the driver's steppable: a step is one update of the
-    hyperparameters. A diverging update ends the mode (its status says so), not the run."""
+class Trajectory:
+    """A mode's hyperparameters after each update, with the wall and CPU time since the mode
+    began and the inner steps taken: the state a mode keeps beside its hyper-optimiser."""
 
-    def __init__(self, task: Task, mode: str, loop, hparams, initial: dict[str, float]):
-        self.task, self.mode, self.loop, self.hparams = task, mode, loop, hparams
-        # the hyperparameters after each update, with the time and inner steps they took
-        self.trajectory = [{"elapsed": 0.0, "cpu": 0.0, "inner_step": 0, **initial}]
+    def __init__(self, initial: dict[str, float]):
+        self.points = [{"elapsed": 0.0, "cpu": 0.0, "inner_step": 0, **initial}]
         self.clock = Stopwatch()
-        self.status: str | None = None  # how it stopped early
 
-    def step(self) -> dict | None:
-        try:
-            metrics = self.loop.step()
-        except (bilevel.InnerDivergenceError, bilevel.HypergradientError) as error:
-            self.status = f"diverged at update {len(self.loop.history) + 1}: {error}"
-            return None
-        point = {
-            **self.clock.read(),  # since the mode began: where random search is compared
-            "inner_step": metrics.get(
-                "inner_step", metrics["iteration"] * self.task.config.inner_steps
-            ),
-            **readable(self.hparams),
-        }
-        self.trajectory.append(point)
-        return {"mode": self.mode, **metrics, **point}
-
-    def stop_reason(self) -> str | None:
-        return self.status
-
-    def bar(self) -> dict[str, float]:
-        last = self.loop.history[-1] if self.loop.history else {}
-        return {"outer_loss": last.get("outer_loss", math.nan), "lr": self.trajectory[-1]["lr"]}
+    def add(self, inner_step: int, hparams) -> dict:
+        """The point after an update (appended): where random search is compared."""
+        self.points.append({**self.clock.read(), "inner_step": inner_step, **readable(hparams)})
+        return self.points[-1]
 
     def state_dict(self) -> dict:
-        extra = {"trajectory": self.trajectory, "clock": self.clock.read()}
-        return {"loop": self.loop.state_dict(), "extra": extra}
+        return {"trajectory": self.points, "clock": self.clock.read()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.loop.load_state_dict(state["loop"])
-        self.trajectory = state["extra"]["trajectory"]
-        self.clock = Stopwatch(state["extra"]["clock"])
+        self.points, self.clock = state["trajectory"], Stopwatch(state["clock"])
 
 
 def learn(task: Task, mode: str, stage) -> dict:
@@ -373,19 +350,25 @@ def learn(task: Task, mode: str, stage) -> dict:
         updates = config.total_real_time_steps // config.every
     else:
         updates = config.hyper_iterations
-    steps = ModeSteps(task, mode, hyper_optimizer(task, mode, hparams), hparams, initial)
+    loop, trajectory = hyper_optimizer(task, mode, hparams), Trajectory(initial)
+
+    def line(metrics: dict) -> dict:
+        inner_step = metrics.get("inner_step", metrics["iteration"] * config.inner_steps)
+        return {"mode": mode, **metrics, **trajectory.add(inner_step, hparams)}
+
+    diverging = (bilevel.InnerDivergenceError, bilevel.HypergradientError)
+    steps = HyperSteps(loop, line, ("outer_loss", "lr"), trajectory, diverging, unit="update")
     stage.loop(steps, updates, unit="update")
-    trajectory = steps.trajectory
-    status = steps.status or "completed"
+    points, status = trajectory.points, steps.status or "completed"
     # On divergence the last update produced hyperparameters that cannot train; keep the
     # last ones whose run completed.
-    last = trajectory[-2] if status != "completed" and len(trajectory) > 1 else trajectory[-1]
+    last = points[-2] if status != "completed" and len(points) > 1 else points[-1]
     return {
         "mode": mode,
         "status": status,
-        **steps.clock.read(),
-        "history": steps.loop.history,
-        "trajectory": trajectory,
+        **trajectory.clock.read(),
+        "history": loop.history,
+        "trajectory": points,
         "final": pick(last),
     }
 

@@ -53,16 +53,29 @@ class HyperSteps:
     A step is one hyper-iteration; ``line(metrics)`` makes its metrics line from the
     optimiser's metrics, and ``shown`` names the numbers of the line the progress bar shows.
     ``extra`` is any further object the stage needs to continue (``state_dict`` and
-    ``load_state_dict``), or None.
+    ``load_state_dict``), or None. An error of a type in ``tolerate`` ends the stage's loop
+    early, its ``status`` saying at which ``unit`` (a mode that diverged), instead of the run.
     """
 
-    def __init__(self, loop, line: Callable[[dict], dict], shown=("outer_loss",), extra=None):
+    def __init__(
+        self, loop, line, shown=("outer_loss",), extra=None, tolerate=(), unit="hyper-iteration"
+    ):
         self.loop, self.line, self.shown, self.extra = loop, line, shown, extra
+        self.tolerate, self.unit = tuple(tolerate), unit
         self.last: dict = {}
+        self.status: str | None = None  # why it stopped early
 
-    def step(self) -> dict:
-        self.last = self.line(self.loop.step())
+    def step(self) -> dict | None:
+        try:
+            metrics = self.loop.step()
+        except self.tolerate as error:
+            self.status = f"diverged at {self.unit} {len(self.loop.history) + 1}: {error}"
+            return None
+        self.last = self.line(metrics)
         return self.last
+
+    def stop_reason(self) -> str | None:
+        return self.status
 
     def bar(self) -> dict[str, float]:
         return {key: self.last[key] for key in self.shown if key in self.last}

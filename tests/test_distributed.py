@@ -48,7 +48,7 @@ def _one_step(group):
     """The gradients and batch-norm statistics after one training step."""
     torch.set_num_threads(1)
     trainer = build(FewshotConfig(**CONFIG), DATA, "bilevel", logging.getLogger("t"), group)
-    loss, accuracy, _ = trainer.step()
+    loss, accuracy = trainer.train_step()
     learner = trainer.learner
     return {
         "grads": {k: p.grad.clone() for k, p in learner.named_parameters()},

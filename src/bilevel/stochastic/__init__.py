@@ -13,6 +13,7 @@ Hessian- and Jacobian-vector products (autograd; no matrix is formed). `SOLVERS`
 from __future__ import annotations
 
 from .amigo import AmIGO
+from .learning import DataCleaning, LogisticRegularisation, SoftmaxRegularisation
 from .problem import Sampler, StochasticProblem
 from .problems import QuadraticProblem
 from .saba import SABA
@@ -55,10 +56,13 @@ def make(name: str, problem: StochasticProblem, **settings) -> StochasticSolver:
 __all__ = [
     "SOLVERS",
     "AmIGO",
+    "DataCleaning",
     "DivergenceError",
+    "LogisticRegularisation",
     "MASOBA",
     "QuadraticProblem",
     "SABA",
+    "SoftmaxRegularisation",
     "SOBA",
     "Sampler",
     "StocBiO",

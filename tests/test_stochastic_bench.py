@@ -4,10 +4,20 @@ a tiny size (its table, plot and json; one-line refusals)."""
 
 from __future__ import annotations
 
+import bz2
+import dataclasses
+import functools
+import json
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
 import pytest
 import torch
 
 from bilevel import stochastic
+from bilevel.app.data import libsvm, load_libsvm, stand_in
+from bilevel.app.data.store import DataError, sha256_file
 from bilevel.stochastic.learning import corrupt_labels
 
 # -- the problems ---------------------------------------------------------------------------
@@ -133,3 +143,136 @@ def test_bad_data_is_one_clear_line():
     with pytest.raises(TypeError) as caught:
         stochastic.SoftmaxRegularisation(a.float(), y, a, y)
     assert "val_features is torch.float64" in one_line(caught)
+
+
+# -- the libsvm loader ----------------------------------------------------------------------
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A directory served over HTTP on 127.0.0.1: (directory, base URL)."""
+    directory = tmp_path / "site"
+    (directory / "binary").mkdir(parents=True)
+    handler = functools.partial(_QuietHandler, directory=str(directory))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
+    ).start()
+    yield directory, f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+def libsvm_text(features: np.ndarray, labels) -> str:
+    """Rows in the LIBSVM format, zeros left out as the site's files do."""
+    lines = []
+    for row, label in zip(features, labels):
+        pairs = " ".join(f"{k + 1}:{v:.6g}" for k, v in enumerate(row) if v != 0)
+        lines.append(f"{label:g} {pairs}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def small_ijcnn1(monkeypatch, tmp_path):
+    """ijcnn1 made small (7 and 5 rows), its cache in tmp_path; the rows written."""
+    monkeypatch.setenv("BILEVEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("BILEVEL_OFFLINE", raising=False)
+    monkeypatch.delenv("BILEVEL_DATA", raising=False)
+    files = {
+        split: dataclasses.replace(file, rows=rows)
+        for (split, file), rows in zip(libsvm.DATASETS["ijcnn1"].files.items(), (7, 5))
+    }
+    small = dataclasses.replace(libsvm.DATASETS["ijcnn1"], files=files)
+    monkeypatch.setitem(libsvm.DATASETS, "ijcnn1", small)
+    rng = np.random.default_rng(0)
+    rows = {}
+    for split, file in files.items():
+        x = np.round(rng.uniform(-1, 1, (file.rows, 22)), 4) * (rng.random((file.rows, 22)) < 0.6)
+        rows[split] = (x.astype(np.float32), rng.choice([-1, 1], file.rows))
+    return files, rows
+
+
+def test_the_loader_downloads_records_the_digest_and_decodes(served, small_ijcnn1, tmp_path):
+    site, url = served
+    files, rows = small_ijcnn1
+    for split, file in files.items():
+        (site / "binary" / file.name).write_bytes(bz2.compress(libsvm_text(*rows[split]).encode()))
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()  # a chosen data root must exist; its libsvm/ is made
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(libsvm, "SITE", url)
+        data = load_libsvm("ijcnn1", data_dir)
+    for split in files:
+        torch.testing.assert_close(data[split].features, torch.from_numpy(rows[split][0]))
+        assert data[split].labels.tolist() == rows[split][1].tolist()
+        assert data[split].labels.dtype == torch.int64
+    record = json.loads((tmp_path / "cache" / "libsvm" / "sha256.json").read_text())
+    for file in files.values():
+        assert record[file.name] == sha256_file(tmp_path / "data" / "libsvm" / file.name)
+    # offline now: the files are there, checked against the recorded digests
+    again = load_libsvm("ijcnn1", tmp_path / "data", download=False)
+    assert torch.equal(again["test"].features, data["test"].features)
+    changed = tmp_path / "data" / "libsvm" / files["test"].name
+    changed.write_bytes(bz2.compress(libsvm_text(*rows["test"]).replace("1:", "2:", 1).encode()))
+    with pytest.raises(DataError) as caught:
+        load_libsvm("ijcnn1", tmp_path / "data", download=False)
+    assert f"{changed} is not the file first used" in one_line(caught)
+
+
+def test_missing_files_name_themselves_and_the_site(small_ijcnn1, tmp_path, monkeypatch):
+    monkeypatch.setenv("BILEVEL_OFFLINE", "1")
+    with pytest.raises(DataError) as caught:
+        load_libsvm("ijcnn1", tmp_path)
+    message = one_line(caught)
+    assert "LIBSVM ijcnn1: ijcnn1.bz2 is missing" in message and "ijcnn1.t.bz2" in message
+    assert libsvm.SITE in message and str(tmp_path / "libsvm") in message
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("1 3:0.5\n-1 2:abc\n", "ijcnn1.t.bz2: line 2: expected 'label index:value ...'"),
+        ("1 3:0.5\n-1 23:1\n", "ijcnn1.t.bz2: line 2: feature index 23 outside 1..22"),
+        ("1 3:0.5\n-1 0:1\n", "ijcnn1.t.bz2: line 2: feature index 0 outside 1..22"),
+        ("1 3:0.5 4\n", "ijcnn1.t.bz2: line 1: expected 'label index:value ...', got '1 3:0.5 4'"),
+        (
+            "1 3:0.5\n2 1:1\n" + "1 1:1\n" * 3,
+            "ijcnn1.t.bz2: label 2 on row 2; ijcnn1's labels are -1, 1",
+        ),
+        ("1 3:0.5\n", "has 1 rows; the LIBSVM site's ijcnn1.t.bz2 has 5"),
+        (None, "unreadable bzip2 stream"),
+    ],
+)
+def test_a_malformed_file_is_one_clear_error(small_ijcnn1, tmp_path, text, words):
+    files, rows = small_ijcnn1
+    directory = tmp_path / "libsvm"
+    directory.mkdir()
+    train = files["train"].name
+    (directory / train).write_bytes(bz2.compress(libsvm_text(*rows["train"]).encode()))
+    test = directory / files["test"].name
+    test.write_bytes(b"not bzip2 at all" if text is None else bz2.compress(text.encode()))
+    with pytest.raises(DataError) as caught:
+        load_libsvm("ijcnn1", tmp_path, download=False)
+    assert words in one_line(caught)
+
+
+def test_a_stand_in_has_the_shape_of_the_data_set_and_says_what_it_is():
+    made = stand_in("covtype", {"all": 300}, seed=3)
+    features, labels = made.splits["all"]
+    assert features.shape == (300, 54) and 0 <= float(features.min()) <= float(features.max()) <= 1
+    assert set(labels.tolist()) <= set(range(7)) and len(set(labels.tolist())) > 3
+    assert made.label == "generated stand-in for covtype"
+    binary = stand_in("ijcnn1", {"train": 50, "test": 20}, seed=3).splits
+    assert binary["train"].features.shape == (50, 22) and set(binary["test"].labels.tolist()) <= {
+        -1,
+        1,
+    }
+    assert torch.equal(stand_in("covtype", {"all": 300}, seed=3).splits["all"].labels, labels)
+    with pytest.raises(ValueError) as caught:
+        stand_in("mnist", {"all": 3})
+    assert one_line(caught) == "unknown LIBSVM data set 'mnist'; choose one of ijcnn1, covtype"

@@ -276,3 +276,85 @@ def test_a_stand_in_has_the_shape_of_the_data_set_and_says_what_it_is():
     with pytest.raises(ValueError) as caught:
         stand_in("mnist", {"all": 3})
     assert one_line(caught) == "unknown LIBSVM data set 'mnist'; choose one of ijcnn1, covtype"
+
+
+# -- the benchmark command ------------------------------------------------------------------
+
+
+class SobaTwin(stochastic.SOBA):
+    """A solver registered after the benchmark was written: it must appear without changes."""
+
+    name = "soba-twin"
+
+
+@pytest.fixture
+def tiny(monkeypatch, tmp_path):
+    """The quick mode made tiny: small budgets and data, references cached in tmp_path."""
+    from bilevel.app.bench.stochastic import problems, settings
+
+    monkeypatch.setenv("BILEVEL_BENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(settings.BUDGET, "quick", {k: 400 for k in settings.BUDGET["quick"]})
+    monkeypatch.setitem(settings.EVALUATIONS, "quick", 4)
+    monkeypatch.setitem(problems.SIZES["quick"], "ijcnn1", (60, 40, 0))
+    monkeypatch.setattr(problems, "REFERENCE_ITERATIONS", 5)
+    monkeypatch.setitem(stochastic.SOLVERS, SobaTwin.name, SobaTwin)
+    return tmp_path / "out"
+
+
+def invoke(*args):
+    from click.testing import CliRunner
+
+    from bilevel.app.cli import main
+
+    return CliRunner().invoke(main, ["stochastic", *args], catch_exceptions=False)
+
+
+def test_the_command_runs_every_registered_solver_and_writes_table_plot_and_json(tiny):
+    result = invoke("--problems", "quadratic,ijcnn1", "--seeds", "2", "--out", str(tiny))
+    assert result.exit_code == 0, result.output
+    record = json.loads((tiny / "quick.json").read_text())
+    assert list(record["problems"]) == ["quadratic", "ijcnn1"]
+    quadratic, ijcnn1 = record["problems"]["quadratic"], record["problems"]["ijcnn1"]
+    assert list(quadratic["solvers"]) == list(stochastic.SOLVERS)  # the twin included
+    assert quadratic["solvers"]["soba-twin"]["tuned"] is False
+    assert all(entry["seeds"] == 2 for entry in quadratic["solvers"].values())
+    assert quadratic["reference"]["how"] == "closed form" and quadratic["target"] > 0
+    # the generated stand-in says what it is in the json, the table and the plot's file name
+    assert ijcnn1["data"] == "generated stand-in for ijcnn1"
+    table = (tiny / "quick.md").read_text()
+    assert "### ijcnn1 — generated stand-in for ijcnn1" in table
+    assert "| soba-twin |" in table and "untuned: inner_step=" in table
+    for name in ("quadratic", "ijcnn1"):
+        assert (tiny / f"{name}_quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # every run's curve: samples increasing, solver time non-decreasing, metrics finite
+    rows = [json.loads(line) for line in (tiny / "quick.jsonl").read_text().splitlines()]
+    runs = [r for r in rows if r["type"] == "run"]
+    assert len(runs) == 2 * 2 * len(stochastic.SOLVERS)
+    for run in runs:
+        samples = [p["samples"] for p in run["curve"]]
+        seconds = [p["seconds"] for p in run["curve"]]
+        assert samples[0] == 0 and samples == sorted(samples) and seconds == sorted(seconds)
+        assert run["warmup_seconds"] > 0 and "suboptimality" in run["curve"][-1]
+    # the same tables again from the rows alone (the header has its own date and command)
+    (tiny / "quick.md").unlink()
+    again = invoke("--report-only", "--out", str(tiny))
+    assert again.exit_code == 0, again.output
+    rebuilt = (tiny / "quick.md").read_text()
+    assert rebuilt.split("\n\n", 1)[1] == table.split("\n\n", 1)[1]
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--solvers", "soba,sobaa"], "--solvers: unknown solver 'sobaa'; choose from soba,"),
+        (["--problems", "quadratic,mnist"], "--problems: unknown problem 'mnist'; choose from"),
+        (["--problems", ","], "--problems: no problem named; choose from quadratic"),
+        (["--seeds", "0"], "Invalid value for '--seeds'"),
+    ],
+)
+def test_bad_input_is_refused_with_one_line(tiny, args, words):
+    result = invoke(*args, "--out", str(tiny))
+    assert result.exit_code == 2
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and words in errors[0], result.output
+    assert not tiny.exists()  # nothing ran, nothing written

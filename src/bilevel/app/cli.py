@@ -300,9 +300,11 @@ def _fewshot_group() -> click.Group:
 
 def _register_commands() -> None:
     from .bench.cli import bench
+    from .bench.stochastic.cli import stochastic_bench
     from .experiments import registry
 
     main.add_command(bench)
+    main.add_command(stochastic_bench)
     for experiment in registry().values():
         main.add_command(_experiment_command(experiment))
     main.add_command(_fewshot_group())

@@ -358,3 +358,25 @@ def test_bad_input_is_refused_with_one_line(tiny, args, words):
     errors = [line for line in result.output.splitlines() if line.startswith("Error")]
     assert len(errors) == 1 and words in errors[0], result.output
     assert not tiny.exists()  # nothing ran, nothing written
+
+
+def test_the_libsvm_files_are_used_when_present_and_a_bad_one_is_one_line(
+    tiny, small_ijcnn1, tmp_path, monkeypatch
+):
+    from bilevel.app.bench.stochastic import problems
+
+    files, rows = small_ijcnn1
+    monkeypatch.setitem(problems.SIZES["quick"], "ijcnn1", (7, 5, 0))
+    (tmp_path / "libsvm").mkdir()
+    for split, file in files.items():
+        text = libsvm_text(*rows[split]).encode()
+        (tmp_path / "libsvm" / file.name).write_bytes(bz2.compress(text))
+    bench = problems.build("ijcnn1", "quick", tmp_path, "cpu")
+    assert bench.data == "ijcnn1" and bench.title == "ijcnn1 (ijcnn1)"
+    expected = torch.from_numpy(rows["test"][0]).double()  # the site's test file: validation
+    assert torch.equal(bench.problem.a_val, expected)
+    (tmp_path / "libsvm" / files["test"].name).write_bytes(bz2.compress(b"1 1:0.5\n"))
+    result = invoke("--problems", "ijcnn1", "--data-dir", str(tmp_path), "--out", str(tiny))
+    assert result.exit_code == 1
+    (error,) = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert "is not the file first used" in error

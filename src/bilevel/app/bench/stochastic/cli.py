@@ -52,6 +52,7 @@ def stochastic_bench(quick, solvers, problems, seeds, threads, device, data_dir,
 
     from bilevel import stochastic
 
+    from ...data import DataError
     from . import problems as catalogue
     from . import report
 
@@ -68,15 +69,18 @@ def stochastic_bench(quick, solvers, problems, seeds, threads, device, data_dir,
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise click.UsageError(f"--device {device}: CUDA is not available here")
         torch.set_num_threads(threads)
-        rows = _measure(
-            problem_list or default_problems,
-            solver_list or list(stochastic.SOLVERS),
-            seeds or SEEDS[mode],
-            mode,
-            device,
-            data_dir,
-            rows_path,
-        )
+        try:
+            rows = _measure(
+                problem_list or default_problems,
+                solver_list or list(stochastic.SOLVERS),
+                seeds or SEEDS[mode],
+                mode,
+                device,
+                data_dir,
+                rows_path,
+            )
+        except DataError as error:  # a data set missing or corrupt: one line, exit 1
+            raise click.ClickException(str(error)) from None
     problem_rows = [r for r in rows if r["type"] == "problem"]
     runs = [r for r in rows if r["type"] == "run"]
     text = report.write_tables(out, mode, _header(mode, threads, device), problem_rows, runs)

@@ -26,7 +26,8 @@ import torch
 
 from bilevel import stochastic
 
-from ...data import DataError, load_libsvm, load_mnist, stand_in
+from ...data import load_libsvm, load_mnist, stand_in
+from ...data.libsvm import DATASETS, libsvm_dir
 
 # rows per split, per mode: inner (train), outer (validation), test
 SIZES = {
@@ -126,17 +127,17 @@ def _regularisation(name: str, mode: str, data_dir, device) -> BenchProblem:
 
 def _libsvm_splits(name: str, sizes: tuple[int, int, int], data_dir):
     """[(features, labels)] for train, validation and (if sized) test, and the data's label:
-    the real files when --data-dir holds them (the first rows of the site's splits; covtype's
-    one file shuffled with seed 0 and cut), else a generated stand-in."""
+    the real files when --data-dir holds any of them (the first rows of the site's splits;
+    covtype's one file shuffled with seed 0 and cut; a missing or bad file is an error), else
+    a generated stand-in."""
     n_train, n_val, n_test = sizes
-    try:
-        if data_dir is None:
-            raise DataError("no --data-dir")
-        loaded = load_libsvm(name, data_dir, download=False)
-    except DataError:
+    directory = libsvm_dir(data_dir) if data_dir is not None else None
+    files = DATASETS[name].files.values()
+    if directory is None or not any((directory / f.name).is_file() for f in files):
         rows = {"train": n_train, "val": n_val, "test": n_test}
         made = stand_in(name, {k: v for k, v in rows.items() if v}, seed=0)
         return [made.splits[k] for k in ("train", "val", "test") if rows[k]], made.label
+    loaded = load_libsvm(name, data_dir, download=False)  # present: a bad file is an error
     if name == "ijcnn1":  # the site's test file is the validation (outer) data
         train, val = loaded["train"], loaded["test"]
         return [(train[0][:n_train], train[1][:n_train]), (val[0][:n_val], val[1][:n_val])], name

@@ -78,6 +78,48 @@ def test_trajectory_when_only_segments_of_one_step_fit():
     assert_exact(ridge, problem.hypergradient(ridge.hparams()), T)
 
 
+def test_activations_when_the_graph_does_not_fit_and_they_do():
+    """Example-weighted logistic regression: a step's whole graph keeps the objective's
+    activations and the graph of its gradient, so a budget between the estimates of the two
+    picks memory="activations", which gives the explicit graph policy's hypergradient.
+    (On a quadratic the gradient is linear in the residuals, its graph keeps no per-step
+    tensor, and the whole graph is the smaller one.)"""
+    g = torch.Generator().manual_seed(0)
+    X, y = (
+        torch.randn(3000, 10, generator=g, dtype=DTYPE),
+        torch.randint(0, 2, (3000,), generator=g),
+    )
+    params = {"w": torch.zeros(10, dtype=DTYPE)}
+    hparams = {"weights": torch.zeros(3000, dtype=DTYPE, requires_grad=True)}
+
+    def inner(p, h):
+        losses = torch.nn.functional.binary_cross_entropy_with_logits(
+            X @ p["w"], y.to(DTYPE), reduction="none"
+        )
+        return (torch.sigmoid(h["weights"]) * losses).mean()
+
+    def outer(p, h):
+        return torch.nn.functional.binary_cross_entropy_with_logits(X @ p["w"], y.to(DTYPE))
+
+    def create(**options):
+        return bilevel.Problem.create(
+            inner, outer, params, hparams, bilevel.sgd(lr=0.5), 30, "auto", options
+        )
+
+    probe = create(memory_budget=1e9).auto["estimates"]
+    assert probe["activations"] < probe["graph"]
+    problem = create(memory_budget=(probe["activations"] + probe["graph"]) / 2)
+    assert (problem.method, dict(problem.options)) == ("reverse", {"memory": "activations"})
+    assert "activations fit" in problem.auto["reason"]
+    explicit = bilevel.hypergradient(inner, outer, params, hparams, bilevel.sgd(lr=0.5), 30)
+    torch.testing.assert_close(
+        problem.hypergradient(hparams).grads["weights"],
+        explicit.grads["weights"],
+        rtol=1e-12,
+        atol=0,
+    )
+
+
 def test_checkpoint_with_the_longest_segments_that_fit():
     ridge, T = Ridge(), 100
     probe = ridge_problem(ridge, T, memory_budget=1e9).auto
@@ -271,7 +313,9 @@ def test_methods_command_lists_auto_and_its_option():
 
 
 def test_forward_estimate_grows_with_m_and_not_with_T():
-    sizes = dict(step_graph=1000, saved_tensors=10, state=800, random_state=5056, itemsize=8)
+    sizes = dict(
+        step_graph=1000, saved_tensors=10, activations=500, state=800, random_state=5056, itemsize=8
+    )
     short = Sizes(hparams=3, steps=10, **sizes)
     assert forward_bytes(short, True) == forward_bytes(Sizes(hparams=3, steps=10**6, **sizes), True)
     assert forward_bytes(Sizes(hparams=6, steps=10, **sizes), True) > forward_bytes(short, True)

@@ -1,6 +1,7 @@
 """Every method against closed forms on ridge regression (float64)."""
 
 import pytest
+import torch
 
 import bilevel
 
@@ -12,8 +13,10 @@ REVERSE_VARIANTS = [
     ("reverse", {"memory": "trajectory"}),
     ("reverse", {"memory": "checkpoint"}),
     ("reverse", {"memory": "checkpoint", "checkpoint_every": 7}),
+    ("reverse", {"memory": "activations"}),
     ("truncated", {"k": T}),
     ("truncated", {"k": T, "memory": "trajectory"}),
+    ("truncated", {"k": T, "memory": "activations"}),
     ("forward", {}),
     ("forward", {"vectorize": False}),
 ]
@@ -137,7 +140,8 @@ def test_solve_node_gives_the_same_hypergradient(ridge):
 
 
 def test_memory_policies_store_what_they_promise(ridge):
-    """Trajectory stores every state, checkpoints about sqrt(T); graph none (one segment)."""
+    """Trajectory stores every state (activations every state and its objective's graph),
+    checkpoints about sqrt(T); graph none (one segment)."""
     from bilevel.hypergrad.problem import InnerProblem, with_step
     from bilevel.hypergrad.reverse import reverse
 
@@ -145,6 +149,40 @@ def test_memory_policies_store_what_they_promise(ridge):
     lam = {"gamma": ridge.gamma.detach().requires_grad_(True)}
     counts = {
         memory: len(reverse(problem, ridge.params(), lam, T, memory=memory).starts)
-        for memory in ("graph", "trajectory", "checkpoint")
+        for memory in ("graph", "trajectory", "checkpoint", "activations")
     }
-    assert counts == {"graph": 0, "trajectory": T - 1, "checkpoint": 9}
+    assert counts == {"graph": 0, "trajectory": T - 1, "checkpoint": 9, "activations": T - 1}
+
+
+def test_activations_policy_keeps_less_than_the_graph_and_reports_it():
+    """memory="activations" keeps each step's forward graph of L (here the logits, n x c) and
+    not the graph of its gradient: its reported bytes per step lie between the logits and
+    what one step of the kept graph saves (measured the way method="auto" measures it)."""
+    import torch.nn.functional as F
+
+    from bilevel.hypergrad.auto import step_graph_bytes
+    from bilevel.hypergrad.problem import InnerProblem, with_step
+
+    n, dim, classes, steps = 300, 20, 5, 12
+    generator = torch.Generator().manual_seed(0)
+    X = torch.randn(n, dim, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, classes, (n,), generator=generator)
+
+    def inner(p, h):
+        losses = F.cross_entropy(X @ p["W"].t(), y, reduction="none")
+        return (torch.sigmoid(h["lam"]) * losses).mean()
+
+    def outer(p, h):
+        return F.cross_entropy(X @ p["W"].t(), y)
+
+    w0 = {"W": torch.zeros(classes, dim, dtype=torch.float64)}
+    lam = {"lam": torch.randn(n, generator=generator, dtype=torch.float64).requires_grad_()}
+    result = bilevel.hypergradient(
+        inner, outer, w0, lam, bilevel.sgd(lr=0.5), steps, "reverse", memory="activations"
+    )
+    per_step = result.info["activation_bytes"] / (steps - 1)
+    problem = InnerProblem(with_step(inner), bilevel.sgd(lr=0.5), ("W",))
+    graph_step, _ = step_graph_bytes(problem, (w0["W"],), lam)
+    assert n * classes * 8 <= per_step < graph_step
+    graph = bilevel.hypergradient(inner, outer, w0, lam, bilevel.sgd(lr=0.5), steps, "reverse")
+    torch.testing.assert_close(result.grads["lam"], graph.grads["lam"], rtol=1e-12, atol=0)

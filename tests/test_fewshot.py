@@ -1,5 +1,6 @@
 """The few-shot experiment on small real slices of Omniglot: train, test, classical, resume."""
 
+import copy
 import json
 import os
 import shutil
@@ -7,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from bilevel.app import checkpoints
 from bilevel.app.cli import main as cli
 from bilevel.app.data import Episodes
 from bilevel.app.experiments.fewshot import PRESETS, FewshotConfig
+from bilevel.app.experiments.fewshot.config import EPISODE_KEYS, TEST_KEYS
 from bilevel.app.experiments.fewshot.learners import (
     Learner,
     _episode_features,
@@ -334,6 +337,90 @@ def test_bad_configuration_is_one_clear_line(args, message, tmp_path):
     assert list(tmp_path.iterdir()) == []  # refused before anything was read or written
 
 
+# Every setting `fewshot test --set` accepts, with a value other than the trained run's.
+TEST_SETTINGS = [
+    ("test_batch_norm", "running"),
+    ("test_batch_norm", "separate"),
+    ("test_batch_norm", "transductive"),
+    ("test_seed", 3),
+    ("test_episodes", 21),
+    ("test_steps", [2]),
+    ("test_classes", 30),
+    ("device", "cpu"),
+    ("ways", 3),
+    ("shots", 2),
+    ("queries", 4),
+]
+SMALL_TEST = ["--data-dir", DATA, "--quiet", "--set", "test_episodes=20", "--set",
+              "test_steps=[5]", "--set", "test_classes=40"]  # fmt: skip
+
+
+def test_every_test_setting_has_a_case():
+    assert {key for key, _ in TEST_SETTINGS} == TEST_KEYS | EPISODE_KEYS
+
+
+@needs_omniglot
+@pytest.mark.parametrize("key,value", TEST_SETTINGS, ids=lambda v: str(v))
+def test_every_test_setting_works_on_a_run_trained_with_the_defaults(trained, tmp_path, key, value):
+    out = tmp_path / "test"
+    result = in_process("fewshot", "test", trained, *SMALL_TEST, "--set",
+                        f"{key}={json.dumps(value)}", "--out", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["config"][key] == value
+    summary = json.loads((out / "summary.json").read_text())
+    reported = {"test_batch_norm": "batch_norm", "test_episodes": "episodes"}
+    reported.update(ways="ways", shots="shots")
+    if key in reported:
+        assert summary[reported[key]] == value
+    assert summary["status"] == "completed" and 0 <= summary["accuracy"] <= 100
+
+
+def resume(run, *extra):
+    return in_process("fewshot", "train", *TINY, "--set", f"iterations={ITERATIONS}", "--set",
+                      "learn_inner_lr=true", *extra, "--out", run, "--resume")  # fmt: skip
+
+
+@needs_omniglot
+def test_the_validation_mode_binds_a_checkpoint_and_the_test_mode_does_not(trained, tmp_path):
+    # validation picks best.pt and stops training early: a resumed run must validate alike
+    run = tmp_path / "copy"
+    shutil.copytree(trained, run, ignore=shutil.ignore_patterns("test*"))
+    refused = resume(run, "--set", "val_batch_norm=running")
+    assert refused.exit_code == 1
+    assert "val_batch_norm='transductive' there, 'running' here" in refused.output
+    accepted = resume(run, "--set", "test_batch_norm=running")
+    assert accepted.exit_code == 0, accepted.output
+    assert metrics(run) == metrics(trained)
+
+
+def as_before_val_batch_norm(run, validation):
+    """Make ``run`` as a run whose validation used ``validation`` was written before
+    val_batch_norm existed: config.json without it, and checkpoints bound to test_batch_norm."""
+    saved = json.loads((run / "config.json").read_text())
+    saved["config"].pop("val_batch_norm")
+    saved["config"]["test_batch_norm"] = validation
+    (run / "config.json").write_text(json.dumps(saved))
+    config = FewshotConfig(**{**saved["config"], "val_batch_norm": validation})
+    bound = {**config.hashed(), "mode": "bilevel"}
+    bound["test_batch_norm"] = bound.pop("val_batch_norm")  # the identity those runs had
+    for name in ("best.pt", "checkpoint.pt"):
+        checkpoints.save(run / name, checkpoints.load(run / name), bound)
+
+
+@needs_omniglot
+def test_a_run_written_before_val_batch_norm_still_tests_and_resumes(trained, tmp_path):
+    run = tmp_path / "old"
+    shutil.copytree(trained, run, ignore=shutil.ignore_patterns("test*"))
+    as_before_val_batch_norm(run, "running")
+    for mode in ("transductive", "separate"):
+        result = in_process("fewshot", "test", run, *SMALL_TEST, "--set",
+                            f"test_batch_norm={mode}", "--out", tmp_path / mode)  # fmt: skip
+        assert result.exit_code == 0, result.output
+    assert resume(run, "--set", "val_batch_norm=transductive").exit_code == 1
+    result = resume(run, "--set", "val_batch_norm=running")  # it validated with running
+    assert result.exit_code == 0, result.output
+
+
 def test_test_command_refuses_training_settings(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"experiment": "fewshot-train", "config": {}}))
     result = in_process("fewshot", "test", tmp_path, "--set", "inner_steps=3")
@@ -403,6 +490,71 @@ def test_feature_norm_holds_in_training_and_in_evaluation():
     for features in (trained, support, query):
         torch.testing.assert_close(features.norm(dim=-1), torch.full(features.shape[:-1], 3.0))
     assert set(learner.state_dict()) == set(Learner(FewshotConfig(width=0.25)).state_dict())
+
+
+def with_running_statistics(learner):
+    """Running statistics far from any batch's: the modes that use them differ visibly."""
+    g = torch.Generator().manual_seed(1)
+    for module in learner.net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.copy_(torch.randn(module.num_features, generator=g))
+            module.running_var.copy_(torch.rand(module.num_features, generator=g) + 0.5)
+    return learner
+
+
+def replaced(batch, **parts):
+    return Episodes(**{**batch._asdict(), **parts})
+
+
+def test_batch_norm_modes_normalise_what_they_say():
+    torch.manual_seed(0)
+    learner = with_running_statistics(Learner(FewshotConfig(width=0.25)).double())
+    net, batch = learner.net, double(random_episodes(b=2))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    other = double(random_episodes(b=2, seed=1))  # other images for support or query
+    new_support = replaced(batch, support_x=other.support_x)
+    new_query = replaced(batch, query_x=other.query_x)
+    features = {
+        m: _episode_features(net, batch, m) for m in ("transductive", "separate", "running")
+    }
+
+    def alone(images, training):  # nn.BatchNorm2d itself, on exactly these images
+        return copy.deepcopy(net).train(training)(images)  # a copy: its statistics may move
+
+    for b in range(batch.support_x.shape[0]):
+        support, query = batch.support_x[b], batch.query_x[b]
+        n = len(support)
+        together = alone(torch.cat([support, query]), True)
+        close = partial(torch.testing.assert_close, rtol=1e-10, atol=1e-12)
+        close(features["transductive"][0][b], together[:n])  # support+query one batch
+        close(features["transductive"][1][b], together[n:])
+        close(features["separate"][0][b], alone(support, True))  # each its own batch
+        close(features["separate"][1][b], alone(query, True))
+        for i in (0, len(query) - 1):  # an image alone, by the running statistics
+            close(features["running"][1][b, i], alone(query[i : i + 1], False)[0])
+    # what each mode's query features depend on
+    differs = lambda a, b: not torch.allclose(a, b, rtol=1e-6, atol=1e-9)  # noqa: E731
+    query = {m: f[1] for m, f in features.items()}
+    assert differs(_episode_features(net, new_support, "transductive")[1], query["transductive"])
+    assert torch.equal(_episode_features(net, new_support, "separate")[1], query["separate"])
+    assert torch.equal(_episode_features(net, new_query, "separate")[0], features["separate"][0])
+    assert torch.equal(_episode_features(net, new_support, "running")[1], query["running"])
+    one_query = replaced(batch, query_x=other.query_x.clone())
+    one_query.query_x[:, 1:] = batch.query_x[:, 1:]  # only the first query image changes
+    assert differs(
+        _episode_features(net, one_query, "separate")[1][:, 1:], query["separate"][:, 1:]
+    )
+    torch.testing.assert_close(_episode_features(net, one_query, "running")[1][:, 1:],
+                               query["running"][:, 1:], rtol=1e-12, atol=1e-12)  # fmt: skip
+    for a, b in (
+        ("transductive", "separate"),
+        ("separate", "running"),
+        ("transductive", "running"),
+    ):
+        assert differs(query[a], query[b]), (a, b)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # left untouched
+    with pytest.raises(ValueError, match="batch_norm='inductive': expected one of transductive"):
+        _episode_features(net, batch, "inductive")
 
 
 class Batches:

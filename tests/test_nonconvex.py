@@ -16,6 +16,7 @@ UNROLLED = [
     ("reverse", {}),
     ("reverse", {"memory": "trajectory"}),
     ("reverse", {"memory": "checkpoint"}),
+    ("reverse", {"memory": "activations"}),
     ("truncated", {"k": 7}),
     ("forward", {}),
 ]

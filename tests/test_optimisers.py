@@ -190,6 +190,7 @@ UNROLLED = [
     ("reverse", {"memory": "graph"}),
     ("reverse", {"memory": "trajectory"}),
     ("reverse", {"memory": "checkpoint"}),
+    ("reverse", {"memory": "activations"}),
     ("truncated", {"k": 20}),  # k = T: the truncated gradient is then the gradient of f_T
     ("forward", {}),
 ]

@@ -176,15 +176,16 @@ def test_replayed_steps_are_the_steps_that_ran(kind, precision):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_memory_policies_agree_under_autocast(precision):
-    """trajectory is bitwise the kept graph; checkpoint sums the hypergradient over segments
-    in another order, so it agrees to float32 rounding (as without autocast), a thousand
-    times closer than autocast's own error."""
-    graph, trajectory, checkpoint = (
+    """trajectory and activations are bitwise the kept graph; checkpoint sums the
+    hypergradient over segments in another order, so it agrees to float32 rounding (as
+    without autocast), a thousand times closer than autocast's own error."""
+    graph, trajectory, checkpoint, activations = (
         run("reverse", {"memory": memory}, precision=precision)
-        for memory in ("graph", "trajectory", "checkpoint")
+        for memory in ("graph", "trajectory", "checkpoint", "activations")
     )
     for key in graph.grads:
         assert torch.equal(graph.grads[key], trajectory.grads[key])
+        assert torch.equal(graph.grads[key], activations.grads[key])
     for key in graph.params:
         assert torch.equal(graph.params[key], checkpoint.params[key])
     assert relative_error(flat(graph), flat(checkpoint)) < 1e-6

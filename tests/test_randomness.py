@@ -67,6 +67,8 @@ def hypergradient(method, **options):
         ("reverse", {"memory": "checkpoint"}),
         ("reverse", {"memory": "checkpoint", "checkpoint_every": 5}),
         ("truncated", {"k": 12, "memory": "trajectory"}),
+        ("reverse", {"memory": "activations"}),
+        ("truncated", {"k": 12, "memory": "activations"}),
     ],
 )
 def test_dropout_replays_give_the_plain_unroll(method, options):

@@ -12,6 +12,7 @@ ALL_METHODS = [
     ("reverse", {}),
     ("reverse", {"memory": "trajectory"}),
     ("reverse", {"memory": "checkpoint"}),
+    ("reverse", {"memory": "activations"}),
     ("truncated", {"k": 40}),
     ("forward", {}),
 ]

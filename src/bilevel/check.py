@@ -61,10 +61,16 @@ def check(
 ) -> CheckReport:
     """Compare `method`'s hypergradient with central finite differences of f_T.
 
-    Args: the problem as for `bilevel.hypergradient`; `directions` random unit directions
-    (default: every coordinate when there are at most 16 scalars, else 4), `eps` the
-    difference step (default 1e-6 in float64, 1e-2 otherwise), `seed` for the directions.
-    Returns: a CheckReport (`relative_error`, `passed(tolerance)`, a readable `str`).
+    The other arguments are the problem, as for `bilevel.hypergradient`.
+
+    Args:
+        directions: how many random unit directions (default: every coordinate when there are
+            at most 16 scalars, else 4).
+        eps: the difference step (default 1e-6 in float64, 1e-2 otherwise).
+        seed: seeds the directions.
+
+    Returns:
+        A CheckReport (`relative_error`, `passed(tolerance)`, a readable `str`).
 
     With few scalar hyperparameters (<= 16) every coordinate is checked, else
     `directions` random unit directions (default 4). Use float64 if you can:

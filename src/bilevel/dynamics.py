@@ -308,8 +308,13 @@ def adam(
     Differentiable everywhere, zero gradients included (see `_safe_sqrt`).
 
     Args:
-        lr, betas, eps, weight_decay: `Setting`s (floats, or callables of the
-            hyperparameters, per group if they return a dict), with torch's defaults.
+        lr: the learning rate.
+        betas: the decay rates (beta1, beta2) of the two moments.
+        eps: added to the denominator.
+        weight_decay: the coupled (L2) weight decay wd.
+
+    Each is a `Setting` (a float, or a callable of the hyperparameters, per group if it returns
+    a dict); the defaults are torch's.
 
     Returns the `Dynamics` (slots first_moment, second_moment).
     """
@@ -330,8 +335,13 @@ def adamw(
     on the plain gradient g = dL/dw.
 
     Args:
-        lr, betas, eps, weight_decay: `Setting`s (floats, or callables of the
-            hyperparameters, per group if they return a dict), with torch's defaults.
+        lr: the learning rate.
+        betas: the decay rates (beta1, beta2) of the two moments.
+        eps: added to the denominator.
+        weight_decay: the decoupled weight decay wd.
+
+    Each is a `Setting` (a float, or a callable of the hyperparameters, per group if it returns
+    a dict); the defaults are torch's.
 
     Returns the `Dynamics` (slots first_moment, second_moment).
 
@@ -393,8 +403,11 @@ def rmsprop(
         d = g / (sqrt(s_hat) + eps);  momentum: b = mu b + d, d = b;  w = w - lr d
 
     Args:
-        lr, alpha (in [0, 1)), eps, weight_decay (coupled), momentum (in [0, 1); on when it
-            is not the float 0): `Setting`s.
+        lr: the learning rate (a `Setting`, as are the next four).
+        alpha: the decay rate of the average of g^2, in [0, 1).
+        eps: added to the denominator.
+        weight_decay: the coupled weight decay wd.
+        momentum: mu, in [0, 1); on when it is not the float 0.
         centered: normalise by the running variance rather than the second moment.
 
     Returns the `Dynamics`; slots square_average, then gradient_average (centered), then
@@ -455,7 +468,11 @@ def adagrad(
         w = w - lr / (1 + (t - 1) lr_decay) * g / (sqrt(initial_accumulator_value + s) + eps)
 
     Args:
-        lr, lr_decay, weight_decay (coupled), initial_accumulator_value, eps: `Setting`s.
+        lr: the learning rate (a `Setting`, as are the others).
+        lr_decay: the learning rate's decay over steps.
+        weight_decay: the coupled weight decay wd.
+        initial_accumulator_value: the accumulator's start.
+        eps: added to the denominator.
 
     Returns the `Dynamics`. Its slot sum_of_squares holds the sum of g^2 alone (torch's
     accumulator less its initial value, which is added at each step so that it too can be
@@ -502,7 +519,9 @@ def lion(
     with decoupled weight decay (torch.optim has no Lion).
 
     Args:
-        lr, betas, weight_decay: `Setting`s.
+        lr: the learning rate (a `Setting`, as are the others).
+        betas: (beta1, beta2), the interpolation and the momentum's decay rate.
+        weight_decay: the decoupled weight decay wd.
 
     Returns the `Dynamics` (slot momentum).
 

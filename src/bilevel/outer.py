@@ -120,13 +120,15 @@ class _OuterLoop:
 class HyperOptimizer(_OuterLoop):
     """Hyper-iterations: inner run of `steps`, hypergradient by `method`, outer step.
 
+    `inner, outer, params, hparams, dynamics, steps, method, **options` are the problem, as for
+    `bilevel.hypergradient` (validated once, here); hparams must be leaves.
+
     Args:
-        inner, outer, params, hparams, dynamics, steps, method, **options: the problem, as for
-            `bilevel.hypergradient` (validated once, here); hparams must be leaves.
         optimizer: any torch.optim optimiser over `hparams.values()`.
         warm_start: start each inner run from the last w_T (params must be a dict).
         constraints: {name: projection} applied after every outer step (bilevel.constraints).
         callbacks: called with each iteration's metrics dict.
+
     `step()` runs one hyper-iteration and returns its metrics (outer_loss, hypergradient_norm,
     seconds, the method's info); `run(n)` runs n; `last` is the last Result.
     """

@@ -109,13 +109,17 @@ class Precision:
         """The autocast region for an objective of `tensors` (their device decides its kind)."""
         return torch.autocast(tensors[0].device.type, dtype=self.dtype)
 
-    def gradients(self, loss: Tensor, values: Sequence[Tensor], create_graph: bool):
+    def gradients(
+        self, loss: Tensor, values: Sequence[Tensor], create_graph: bool, retain_graph=None
+    ):
         """(loss in float32, d loss / d values): the loss scaled before autograd, the gradient
         unscaled after (None where a value has no path to the loss)."""
         loss = loss.float()
         scale = self.loss_scale
         scaled = loss * scale if scale != 1.0 else loss
-        grads = torch.autograd.grad(scaled, values, create_graph=create_graph, allow_unused=True)
+        grads = torch.autograd.grad(
+            scaled, values, create_graph=create_graph, retain_graph=retain_graph, allow_unused=True
+        )
         if scale != 1.0:
             grads = tuple(None if g is None else g / scale for g in grads)
         return loss, grads

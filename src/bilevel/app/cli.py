@@ -222,8 +222,10 @@ def _read_checkpoint(resume: bool, overwrite: bool, out, read):
 
 
 def _fewshot_test(experiment) -> click.Command:
-    @click.command("test", help=experiment.summary)
-    @click.argument("source", type=click.Path(path_type=Path, file_okay=False))
+    source_help = "SOURCE: a training run directory, a weights file, or a name in the manifest."
+
+    @click.command("test", help=f"{experiment.summary} {source_help}")
+    @click.argument("source", type=click.Path(path_type=Path))
     @click.option(
         "--set",
         "assignments",
@@ -233,29 +235,71 @@ def _fewshot_test(experiment) -> click.Command:
     )
     @click.option("--device", help="torch device (cpu, cuda, cuda:1)")
     @click.option(
-        "--out", type=click.Path(path_type=Path), help="output directory (default SOURCE/test)"
+        "--out",
+        type=click.Path(path_type=Path),
+        help="output directory (default SOURCE/test for a run, runs/fewshot-test-TIME for weights)",
     )
     @click.option("--data-dir", type=click.Path(path_type=Path), help="data sets root")
     @click.option("--quiet", is_flag=True, help="no progress bar and no log on the console")
+    @_WEIGHTS_DIR
     @_OVERWRITE
-    def command(source, assignments, device, out, data_dir, quiet, overwrite):
+    def command(source, assignments, device, out, data_dir, quiet, weights_dir, overwrite):
         from .checkpoints import CheckpointError
         from .experiments import with_inputs
-        from .experiments.fewshot import test_overrides, training_run
+        from .experiments.fewshot import test_overrides
+        from .experiments.fewshot.weights import resolve_test_source
 
         try:
             test_overrides(assignments)
-            trained, mode = training_run(source)
+            source, trained, mode = resolve_test_source(source, weights_dir)
         except (ValueError, CheckpointError) as error:
             raise click.UsageError(str(error)) from None
         config = _resolve(experiment, "run", None, assignments, None, device, {"run": trained})
         runner = with_inputs(experiment, source=source, mode=mode)
-        out = out or source / "test"
+        out = out or (source / "test" if source.is_dir() else None)  # None: runs/fewshot-test-*
         if Path(out).resolve() == Path(source).resolve():  # --overwrite would delete the network
             raise click.UsageError(f"--out {out} is the trained run: test into another directory")
         _execute(runner, config, out, data_dir, quiet, overwrite=overwrite, resumable=False)
 
     return command
+
+
+_WEIGHTS_DIR = click.option(
+    "--weights-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("weights"),
+    show_default=True,
+    help="the folder of weights files and their manifest.json",
+)
+
+
+@click.command("export")
+@click.argument("run", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option("--name", required=True, help="the weights' name: WEIGHTS_DIR/NAME.pt")
+@click.option("--hardware", required=True, help="what trained the run, e.g. '1 NVIDIA H200'")
+@click.option("--cell", "cells", multiple=True, help="a test cell, e.g. 20w5s (repeatable; "
+              "default: the trained cell)")  # fmt: skip
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32",
+              show_default=True, help="the network's tensors in the file")  # fmt: skip
+@click.option("--episodes", type=int, default=600, show_default=True, help="per cell")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="data sets root")
+@_WEIGHTS_DIR
+@_OVERWRITE
+def _fewshot_export(run, name, hardware, cells, dtype, episodes, data_dir, weights_dir, overwrite):
+    """Export RUN's best network to WEIGHTS_DIR/NAME.pt, test the file on 600 seeded episodes
+    per cell, and list it with its row in WEIGHTS_DIR/manifest.json."""
+    from .experiments import EXPECTED
+    from .experiments.fewshot.export import export_run, parse_cell
+
+    try:
+        entry = export_run(run, name, hardware, weights_dir, dtype=dtype,
+                           cells=[parse_cell(c) for c in cells] or None, episodes=episodes,
+                           data_dir=data_dir, overwrite=overwrite, log=click.echo)  # fmt: skip
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    except EXPECTED as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"wrote {Path(weights_dir) / entry['file']} ({entry['bytes']} bytes) and its entry")
 
 
 @click.command("compare")
@@ -285,7 +329,8 @@ def _fewshot_group() -> click.Group:
 
     group = click.Group(
         "fewshot",
-        help="Few-shot learning with a hyper-representation (train, classical, test, compare).",
+        help="Few-shot learning with a hyper-representation (train, classical, test, compare, "
+        "export).",
     )
     for name, experiment, mode in (
         ("train", fewshot.TRAIN, "bilevel"),
@@ -295,6 +340,7 @@ def _fewshot_group() -> click.Group:
         group.add_command(_experiment_command(experiment, name, read))
     group.add_command(_fewshot_test(fewshot.TEST))
     group.add_command(_fewshot_compare)
+    group.add_command(_fewshot_export)
     return group
 
 

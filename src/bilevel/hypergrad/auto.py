@@ -10,6 +10,9 @@ decision in `Result.info["auto"]`. What is measured, on w_0:
        share; plus SAVED_TENSOR_OVERHEAD for each tensor it saves (autograd's nodes, the
        tensors' metadata, the allocator's headers: about 30 KB a step on CPU for 18 saved
        tensors, whatever their sizes, which is most of a small model's step)
+    a  the bytes one step's graph of the inner objective alone keeps (memory="activations"),
+       measured the same way on two steps that keep only that graph, with its saved tensors'
+       overhead
     s  the bytes of the inner state: parameters and optimiser slots
     r  the bytes of the random generators' state stored with each segment start (replays)
     m  the number of scalar hyperparameters; T the number of steps
@@ -22,6 +25,7 @@ forward mode at m = 1 and 16):
         the stored segment starts, the last segment's graph (kept) or a replayed one, and the
         backward pass's own gradients through a step (1.5 g);
         k = T is memory="graph", k = 1 "trajectory", else "checkpoint" with checkpoint_every=k
+    reverse, memory="activations"  (T-1)·(s + a) + (1 + 2.5)·g
     forward (vectorize=True)       2·m·s (tangents in and out) + m²·itemsize (the basis)
                                    + 2.5·(m + 1)·g (the step's graphs, batched over m)
     forward (vectorize=False)      2·m·s + m²·itemsize + 6·g
@@ -33,8 +37,10 @@ large tensors, but up to 2.8x for a small model's trajectory, its heap fragmente
 The rule, by speed (docs/benchmarks.md: graph ≈ 1.9x plain inner training, replaying reverse
 ≈ 2.8-3.1x, forward ≈ 2.1·(m+1)x vectorized and 3.3·(m+1)x in turn):
 
-1. reverse mode with the longest segments that fit: every step outside the last segment is
-   replayed once, so longer segments replay fewer steps; the whole graph (no replay) first.
+1. reverse mode: the whole graph (no replay) if it fits; else memory="activations" (no
+   evaluation of the objective replayed: ≈ 2.3x on W1) if it fits; else the longest segments
+   that fit: every step outside the last segment is replayed once, so longer segments replay
+   fewer steps.
 2. only if no segment length fits: forward mode, whose memory does not grow with T, when
    m <= MAX_FORWARD_HPARAMS (beyond that it takes over 30x the inner training) and w_0 needs
    no gradient (forward mode cannot give one: a d x d Jacobian).
@@ -49,7 +55,6 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-import weakref
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,8 +64,8 @@ import torch
 from torch import Tensor
 
 from .forward import forward
-from .problem import Flat, Init, InnerProblem, RandomState, leaf_dict, leaves
-from .reverse import reverse
+from .problem import Flat, Init, InnerProblem, RandomState, SavedTensors, leaf_dict, leaves
+from .reverse import ActivationStore, reverse
 
 MAX_FORWARD_HPARAMS = 16
 BACKWARD_WORK = 1.5  # step graphs' worth of gradients a backward pass through a step holds
@@ -101,6 +106,7 @@ class Sizes:
 
     step_graph: int  # bytes of the tensors one more differentiated step saves
     saved_tensors: int  # how many tensors it saves (each costs SAVED_TENSOR_OVERHEAD more)
+    activations: int  # a: bytes one step's graph of the objective alone keeps, overhead included
     state: int  # s: bytes of the inner state (parameters and optimiser slots)
     random_state: int  # r: bytes of the generator states stored with each segment start
     hparams: int  # m: scalar hyperparameters
@@ -136,12 +142,14 @@ def choose(
     else:
         budget, source = budget_given, "given"
     reverse_bytes = ALLOCATOR_FACTOR * segment_bytes(sizes, np.arange(1, steps + 1))
+    activations = ALLOCATOR_FACTOR * activation_bytes(sizes)
     fits = np.flatnonzero(reverse_bytes <= budget)
     every = int(fits[-1]) + 1 if fits.size else int(np.argmin(reverse_bytes)) + 1
     estimates = {
         "graph": float(reverse_bytes[-1]),
         "trajectory": float(reverse_bytes[0]),
         "checkpoint": float(reverse_bytes[every - 1]),
+        "activations": float(activations),
         "forward": ALLOCATOR_FACTOR * forward_bytes(sizes, vectorize=True),
         "forward-loop": ALLOCATOR_FACTOR * forward_bytes(sizes, vectorize=False),
     }
@@ -165,6 +173,12 @@ def _pick(sizes: Sizes, estimates, every: int, reverse_fits: bool, budget: float
     reverse_options = _reverse_options(every, T)
     if reverse_fits and every == T:
         return "reverse", reverse_options, f"the whole graph fits: {_mib(estimates['graph'])}"
+    if estimates["activations"] <= budget and T > 1:
+        reason = (
+            f"the whole graph ({_mib(estimates['graph'])}) exceeds the budget; each step's "
+            f"activations fit ({_mib(estimates['activations'])}), replaying no objective"
+        )
+        return "reverse", {"memory": "activations"}, reason
     if reverse_fits:
         reason = (
             f"the whole graph ({_mib(estimates['graph'])}) exceeds the budget; the longest "
@@ -227,6 +241,14 @@ def segment_bytes(sizes: Sizes, every):
     return stored * (sizes.state + sizes.random_state) + kept
 
 
+def activation_bytes(sizes: Sizes) -> float:
+    """memory="activations"'s estimate: each step's state and objective graph kept, and one
+    step's whole graph with the backward pass's work through it."""
+    return float(
+        (sizes.steps - 1) * (sizes.state + sizes.activations) + (1 + BACKWARD_WORK) * sizes.per_step
+    )
+
+
 def forward_bytes(sizes: Sizes, vectorize: bool) -> float:
     """Forward mode's estimate: tangents, the basis, and one step's graphs."""
     m, g = sizes.hparams, sizes.per_step
@@ -245,27 +267,19 @@ def measure(problem: InnerProblem, init: Init, hparams: Mapping[str, Tensor], st
         with torch.no_grad():
             z0 = problem.start(init, lam)
         step_graph, saved_tensors = step_graph_bytes(problem, z0, lam)
+        activations = objective_graph_bytes(problem, z0, lam)
         random = RandomState.capture(z0)
     values = list(lam.values())
     return Sizes(
         step_graph=step_graph,
         saved_tensors=saved_tensors,
+        activations=activations,
         state=sum(_nbytes(v) for v in z0),
         random_state=_nbytes(random.cpu) + sum(_nbytes(state) for _, state in random.cuda),
         hparams=sum(v.numel() for v in values),
         itemsize=values[0].element_size() if values else 0,
         steps=steps,
     )
-
-
-class _Saved:
-    """What a step's graph holds in place of a saved tensor while it is measured; alive
-    exactly as long as the graph keeps the tensor."""
-
-    __slots__ = ("tensor", "__weakref__")
-
-    def __init__(self, tensor: Tensor):
-        self.tensor = tensor
 
 
 def step_graph_bytes(problem: InnerProblem, z0: Flat, lam: Mapping[str, Tensor]):
@@ -275,36 +289,24 @@ def step_graph_bytes(problem: InnerProblem, z0: Flat, lam: Mapping[str, Tensor])
     Both steps use t=1 (any T has it); a batch chosen by t is copied per step or a view of
     data that persists, and either is counted as it would be at any t.
     """
-    saved: tuple[weakref.WeakSet, weakref.WeakSet] = (weakref.WeakSet(), weakref.WeakSet())
-    current = saved[0]
-
-    def pack(tensor: Tensor) -> _Saved:
-        record = _Saved(tensor)
-        current.add(record)
-        return record
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda record: record.tensor):
+    first, second = SavedTensors(), SavedTensors()
+    with first.recording():
         z1 = problem.step(leaves(z0), lam, 1)[0]  # the loss is dropped, as in a run
-        current = saved[1]
+    with second.recording():
         z2 = problem.step(z1, lam, 1)[0]
     # both graphs are alive (z2 holds them), so no two storages counted here share an address
-    first, second = _storages(saved[0]), _storages(saved[1])
-    count = len(saved[1])
+    added, count = second.bytes_not_in(first), len(second)
     del z1, z2
-    return sum(size for key, size in second.items() if key not in first), count
+    return added, count
 
 
-def _storages(records) -> dict:
-    """{storage: bytes} of the tensors the records hold: views of one storage count once."""
-    found = {}
-    for record in list(records):
-        tensor = record.tensor
-        try:
-            storage = tensor.untyped_storage()
-            found[(tensor.device, storage.data_ptr())] = storage.nbytes()
-        except (RuntimeError, NotImplementedError):  # no plain storage (a wrapper subclass)
-            found[id(tensor)] = _nbytes(tensor)
-    return found
+def objective_graph_bytes(problem: InnerProblem, z0: Flat, lam: Mapping[str, Tensor]) -> int:
+    """a: the bytes one step keeps under memory="activations" (its objective's graph), with
+    SAVED_TENSOR_OVERHEAD per saved tensor, from two steps taken as that policy takes them."""
+    store = ActivationStore()
+    z1 = problem.step_keeping(leaves(z0), lam, 1, store)[0]
+    problem.step_keeping(z1, lam, 1, store)
+    return store.bytes_per_step() + len(store.saved[1]) * SAVED_TENSOR_OVERHEAD
 
 
 def _nbytes(tensor: Tensor) -> int:

@@ -265,8 +265,9 @@ def custom_root(
             Hessian at a strict minimum), "normal-cg" (CG on the normal equations: any
             full-rank Jacobian), "dense" (builds the matrix: small problems), "fixed-point"
             (iteration; converges when F = Phi - w with Phi a contraction).
-        iterations, tolerance: the linear solver's budget and relative residual target; an
-            unconverged solve warns (bilevel.SolverWarning).
+        iterations: the linear solver's budget.
+        tolerance: its relative residual target; an unconverged solve warns
+            (bilevel.SolverWarning).
         **solver_settings: passed to the linear solver (e.g. restart=... for gmres).
 
     Returns:

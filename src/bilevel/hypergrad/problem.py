@@ -7,8 +7,10 @@ these tuples so that autograd and torch.func see plain sequences of tensors.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -74,28 +76,39 @@ class InnerProblem:
         )
 
     # -- one step -------------------------------------------------------------------
-    def gradients(self, params: Params, hparams, t: int, create_graph: bool):
+    def gradients(
+        self, params: Params, hparams, t: int, create_graph: bool, retain_graph: bool = False
+    ):
         """L and dL/dw by autograd; parameters the objective ignores get zeros. Under a
-        precision, L is reported as NaN where dL/dw overflowed (see `flag_overflow`)."""
-        loss, grads = self._gradients(params, hparams, t, create_graph)
+        precision, L is reported as NaN where dL/dw overflowed (see `flag_overflow`).
+        `retain_graph` keeps L's own graph (its activations) for a later `gradients_of`."""
+        loss, grads = self._gradients(params, hparams, t, create_graph, retain_graph)
         return (loss if self.precision is None else flag_overflow(loss, grads)), grads
 
-    def _gradients(self, params: Params, hparams, t: int, create_graph: bool):
-        values = [params[k] for k in self.keys]
+    def _gradients(
+        self, params: Params, hparams, t: int, create_graph: bool, retain_graph: bool = False
+    ):
         with torch.enable_grad():
-            with autocast(self.precision, values):
+            with autocast(self.precision, [params[k] for k in self.keys]):
                 loss = evaluate("inner", self.inner, params, hparams, t)
             if not loss.requires_grad:
                 raise ValueError(
                     "the inner objective does not depend on params (its value has no autograd "
                     "graph): did it detach, or go through .item() or numpy?"
                 )
+            return self.gradients_of(loss, params, create_graph, retain_graph)
+
+    def gradients_of(self, loss: Tensor, params: Params, create_graph: bool, retain_graph=False):
+        """(L, dL/dw) from L's graph, built by the objective at `params` (zeros where unused)."""
+        values = [params[k] for k in self.keys]
+        retain = retain_graph or create_graph
+        with torch.enable_grad():
             if self.precision is None:
                 grads = torch.autograd.grad(
-                    loss, values, create_graph=create_graph, allow_unused=True
+                    loss, values, create_graph=create_graph, retain_graph=retain, allow_unused=True
                 )
             else:  # float32 loss, scaled and unscaled
-                loss, grads = self.precision.gradients(loss, values, create_graph)
+                loss, grads = self.precision.gradients(loss, values, create_graph, retain)
         grads = {
             k: torch.zeros_like(v) if g is None else g for k, v, g in zip(self.keys, values, grads)
         }
@@ -118,6 +131,27 @@ class InnerProblem:
             new_params, new_state = self.dynamics.step(params, state, grads, hparams, t)
         return self.pack(new_params, new_state), loss.detach()
 
+    def step_keeping(self, z: Sequence[Tensor], hparams, t: int, kept) -> tuple[Flat, Tensor]:
+        """Phi_t without the graph of its update, keeping the graph of L (its activations):
+        appends (t, z as leaves, L) to `kept` (reverse.ActivationStore) for `step_kept`."""
+        z = leaves(z)
+        params, state = self.unpack(z)
+        with kept.watching():
+            loss, grads = self.gradients(params, hparams, t, create_graph=False, retain_graph=True)
+        with torch.no_grad():
+            new_params, new_state = self.dynamics.step(params, state, grads, hparams, t)
+        kept.append((t, z, loss))
+        return self.pack(new_params, new_state), loss.detach()
+
+    def step_kept(self, z: Flat, loss: Tensor, hparams, t: int) -> Flat:
+        """Phi_t with its graph, from what `step_keeping` kept: L's graph is reused (the
+        objective is not evaluated again), only dL/dw and the update are built."""
+        params, state = self.unpack(z)
+        _, grads = self.gradients_of(loss, params, create_graph=True)
+        with torch.enable_grad():
+            new_params, new_state = self.dynamics.step(params, state, grads, hparams, t)
+        return self.pack(new_params, new_state)
+
     # -- runs -----------------------------------------------------------------------
     def run(
         self,
@@ -129,17 +163,22 @@ class InnerProblem:
         checkpoints=None,  # anything with append((t, z, random state)): reverse.StateStore
         every: int = 0,
         check: bool = True,
+        kept=None,  # reverse.ActivationStore
     ) -> Flat:
         """Steps first .. first+count-1 from z: shapes checked after the first step, divergence
         once at the end (replays of steps already checked pass check=False).
 
         With `checkpoints`, appends (t, z_{t-1}, the random state) before every `every`-th
         step, so that a replay from there draws what the step first drew (dropout masks).
+        With `kept`, each step keeps its objective's graph there (`step_keeping`).
         """
-        if not graph:
+        if not graph and kept is None:
             hparams = detach(hparams)
         start, random = z, RandomState.capture(z) if check else None
-        step = self.step if graph else self.step_detached
+        if kept is not None:
+            step = functools.partial(self.step_keeping, kept=kept)
+        else:
+            step = self.step if graph else self.step_detached
         losses = None  # one buffer: a small tensor kept per step would fragment the heap
         for i, t in enumerate(range(first, first + count)):
             if checkpoints is not None and i % every == 0:
@@ -218,6 +257,56 @@ class RandomState:
             for device, state in self.cuda:
                 torch.cuda.set_rng_state(state, device)
             yield
+
+
+class SavedTensors:
+    """The tensors autograd saves for backward inside `recording()`, held weakly: a tensor
+    leaves the record when the graph that saved it is freed. Measures what graphs keep."""
+
+    def __init__(self):
+        self.records: weakref.WeakSet = weakref.WeakSet()
+
+    def recording(self):
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, _Saved.unpack)
+
+    def _pack(self, tensor: Tensor) -> _Saved:
+        record = _Saved(tensor)
+        self.records.add(record)
+        return record
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def storages(self) -> dict:
+        """{storage: bytes} of the recorded tensors: views of one storage count once."""
+        found = {}
+        for record in list(self.records):
+            tensor = record.tensor
+            try:
+                storage = tensor.untyped_storage()
+                found[(tensor.device, storage.data_ptr())] = storage.nbytes()
+            except (RuntimeError, NotImplementedError):  # no plain storage (a wrapper subclass)
+                found[id(tensor)] = tensor.numel() * tensor.element_size()
+        return found
+
+    def bytes_not_in(self, other: SavedTensors) -> int:
+        """Bytes of the storages recorded here and not in `other` (alive together: no address
+        is shared): what one step adds beyond what persists across steps (data)."""
+        before = other.storages()
+        return sum(size for key, size in self.storages().items() if key not in before)
+
+
+class _Saved:
+    """What a graph holds in place of a saved tensor while it is recorded; alive exactly as
+    long as the graph keeps the tensor."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor: Tensor):
+        self.tensor = tensor
+
+    def unpack(self) -> Tensor:
+        return self.tensor
 
 
 def detach(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:

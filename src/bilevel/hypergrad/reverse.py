@@ -9,6 +9,10 @@ graph it was built with, so it is never replayed.
     memory="graph"        one segment: the whole graph is kept (fastest)
     memory="trajectory"   segments of one step: T states stored, no graph kept
     memory="checkpoint"   segments of ~sqrt(T) steps: O(sqrt(T)) states + one segment's graph
+    memory="activations"  segments of one step, each keeping the graph of its objective (its
+                          activations) but not that of its gradient and update: on the way
+                          back dL/dw and the update are rebuilt from it, the objective is not
+                          evaluated again (between graph and trajectory in time and memory)
 
 Truncation (Shaban et al.) is a window: only the last K steps are
 differentiated; the earlier ones run without any graph and w_{T-K} is treated
@@ -17,6 +21,8 @@ as a constant.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 import warnings
 from collections.abc import Mapping
@@ -26,9 +32,9 @@ from torch import Tensor
 
 from .. import validate
 from ..errors import HypergradientWarning
-from .problem import Flat, Init, InnerProblem, RandomState, leaves, vjp
+from .problem import Flat, Init, InnerProblem, RandomState, SavedTensors, leaves, vjp
 
-MEMORY_POLICIES = ("graph", "trajectory", "checkpoint")
+MEMORY_POLICIES = ("graph", "trajectory", "checkpoint", "activations")
 
 
 def reverse(
@@ -56,14 +62,21 @@ def reverse(
     first = steps - window + 1
     z = problem.run(z, hparams, 1, first - 1)  # outside the window: no graph at all
     last = first + (window - 1) // length * length  # first step of the last segment
-    starts = StateStore(z, (last - first) // length)
-    z = problem.run(z, hparams, first, last - first, checkpoints=starts, every=length)
+    if memory == "activations":
+        starts = ActivationStore()
+        z = problem.run(z, hparams, first, last - first, kept=starts)
+    else:
+        starts = StateStore(z, (last - first) // length)
+        z = problem.run(z, hparams, first, last - first, checkpoints=starts, every=length)
     z_last = leaves(z)
     z_end = problem.run(z_last, hparams, last, steps - last + 1, graph=True)
     solution = ReverseSolution(
         problem, init, hparams, starts, length, (last, z_last, z_end), full=window == steps
     )
     solution.initial_random = initial_random
+    if isinstance(starts, ActivationStore) and starts.bytes_per_step() is not None:
+        # what the kept graphs hold: the memory this policy spends to save time
+        solution.info["activation_bytes"] = starts.bytes_per_step() * len(starts)
     return solution
 
 
@@ -93,11 +106,55 @@ class StateStore:
     def __len__(self) -> int:
         return len(self.steps)
 
-    def __reversed__(self):
+    def replays(self, problem: InnerProblem, hparams, length: int):
+        """(segment start as leaves, its end with the graph), last segment first: each
+        replayed from its stored start under the random state it first ran with."""
         for j in reversed(range(len(self.steps))):
             # a copy: set_rng_state reads a whole tensor, not a row of a buffer
             random = RandomState(self.cpu_random[j].clone(), self.cuda_random[j])
-            yield self.steps[j], tuple(buffer[j] for buffer in self.buffers), random
+            z_start = leaves(tuple(buffer[j] for buffer in self.buffers))
+            with random.restored():  # the same dropout masks as on the way forward
+                z_end = problem.run(
+                    z_start, hparams, self.steps[j], length, graph=True, check=False
+                )
+            yield z_start, z_end
+
+
+class ActivationStore:
+    """Each step's start state and the graph of its objective (`InnerProblem.step_keeping`).
+
+    Random draws need no replay: the objective is not evaluated again, its graph holds the
+    masks it drew. `bytes_per_step()` is what one step's graph keeps: the tensors autograd
+    saved in the second step that it had not saved in the first (so the data, saved by both,
+    is not counted; the step's own parameters are).
+    """
+
+    def __init__(self):
+        self.kept: list[tuple[int, Flat, Tensor]] = []
+        self.saved: list[SavedTensors] = []  # for the first two steps
+
+    def append(self, entry: tuple[int, Flat, Tensor]) -> None:
+        self.kept.append(entry)
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def watching(self):
+        """A context recording what autograd saves, during the first two steps only."""
+        if len(self.saved) >= 2:
+            return contextlib.nullcontext()
+        self.saved.append(SavedTensors())
+        return self.saved[-1].recording()
+
+    def bytes_per_step(self) -> int | None:
+        """Measured while the first two steps' graphs are alive (None with fewer steps)."""
+        return self.saved[1].bytes_not_in(self.saved[0]) if len(self.saved) == 2 else None
+
+    def replays(self, problem: InnerProblem, hparams, length: int):
+        self.saved = []  # no more measuring: free the records with the graphs
+        while self.kept:  # popped: each step's graph is freed once pulled back through
+            t, z_start, loss = self.kept.pop()
+            yield z_start, problem.step_kept(z_start, loss, hparams, t)
 
 
 class ReverseSolution:
@@ -126,17 +183,13 @@ class ReverseSolution:
         need_start = self.full and (initial or learned)
         _, z_start, z_end = self.last_segment
         self.last_segment = None  # its graph is freed by this pass
-        segments = [(z_start, z_end)] + list(reversed(self.starts))
+        count = len(self.starts) + 1
+        segments = itertools.chain(
+            [(z_start, z_end)], self.starts.replays(problem, hparams, self.length)
+        )
         alpha, total = problem.adjoint(adjoint, z_end), [torch.zeros_like(v) for v in lam]
-        for i, segment in enumerate(segments):
-            if i == 0:
-                z_start, z_end = segment
-            else:
-                t, z, random = segment
-                z_start = leaves(z)
-                with random.restored():  # the same dropout masks as on the way forward
-                    z_end = problem.run(z_start, hparams, t, self.length, graph=True, check=False)
-            earliest = i == len(segments) - 1
+        for i, (z_start, z_end) in enumerate(segments):
+            earliest = i == count - 1
             inputs = lam if earliest and not need_start else list(z_start) + lam
             grads = vjp(z_end, inputs, alpha)
             alpha = grads[: len(inputs) - len(lam)]
@@ -157,7 +210,7 @@ class ReverseSolution:
 def _segment_length(memory: str, window: int, checkpoint_every: int | None) -> int:
     if memory == "graph":
         return window
-    if memory == "trajectory":
+    if memory in ("trajectory", "activations"):
         return 1
     if checkpoint_every is None:
         return math.isqrt(window - 1) + 1  # ceil(sqrt(window))

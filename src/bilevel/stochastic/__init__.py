@@ -13,16 +13,34 @@ Hessian- and Jacobian-vector products (autograd; no matrix is formed). `SOLVERS`
 from __future__ import annotations
 
 from .amigo import AmIGO
+from .bome import BOME
+from .f2sa import F2SA
+from .fsla import FSLA
+from .implicit import Implicit
 from .learning import DataCleaning, LogisticRegularisation, SoftmaxRegularisation
+from .momentum import MRBO, SUSTAIN
 from .problem import Sampler, StochasticProblem
 from .problems import QuadraticProblem
+from .pzobo import PZOBO
 from .saba import SABA
 from .soba import MASOBA, SOBA
 from .solver import DivergenceError, StochasticSolver
+from .srba import SRBA
 from .stocbio import StocBiO
+from .ttsa import BSA, TTSA
+from .unrolled import Unrolled
+from .vrbo import VRBO
 
+# in the order they were added: single-loop and variance-reduced, double-loop, first- and
+# zeroth-order, then the engine's deterministic hypergradients with warm starts (references)
 SOLVERS: dict[str, type[StochasticSolver]] = {
-    solver.name: solver for solver in (SOBA, MASOBA, SABA, AmIGO, StocBiO)
+    solver.name: solver
+    for solver in (
+        *(SOBA, MASOBA, SABA, AmIGO, StocBiO),
+        *(SRBA, FSLA, MRBO, SUSTAIN, VRBO, TTSA, BSA),
+        *(F2SA, BOME, PZOBO),
+        *(Unrolled, Implicit),
+    )
 }
 
 
@@ -30,7 +48,9 @@ def make(name: str, problem: StochasticProblem, **settings) -> StochasticSolver:
     """The solver registered as `name` in SOLVERS, built on `problem` with `settings`.
 
     Args:
-        name: one of SOLVERS ("soba", "ma-soba", "saba", "amigo", "stocbio").
+        name: one of SOLVERS (`bilevel.stochastic.SOLVERS`: "soba", "ma-soba", "saba",
+            "amigo", "stocbio", "srba", "fsla", "mrbo", "sustain", "vrbo", "ttsa", "bsa",
+            "f2sa", "bome", "pzobo", and the engine's references "unrolled", "implicit").
         problem: a StochasticProblem.
         **settings: the solver's settings (`SOLVERS[name].accepted_settings()` lists them;
             inner_step and outer_step are required).
@@ -69,4 +89,16 @@ __all__ = [
     "StochasticProblem",
     "StochasticSolver",
     "make",
+    "F2SA",
+    "BOME",
+    "PZOBO",
+    "Unrolled",
+    "Implicit",
+    "TTSA",
+    "BSA",
+    "MRBO",
+    "VRBO",
+    "SRBA",
+    "SUSTAIN",
+    "FSLA",
 ]

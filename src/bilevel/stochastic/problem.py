@@ -10,6 +10,7 @@ computed by autograd without forming a matrix (one backward, and one double back
     inner_gradient      grad_z g_B
     inner_products      (grad_z g_B, d2_zz g_B v, d2_xz g_B v), one double backward for all three
     outer_gradients     (grad_x f_B, grad_z f_B)
+    inner_gradients     (grad_x g_B, grad_z g_B), for the first-order solvers
 
 With v*(x) = -[d2_zz G]^{-1} grad_z F at z*(x) (the sign of Dagreou et al. 2022), the
 hypergradient is grad h(x) = grad_x F + d2_xz G v*: every solver here approximates z*, v* and
@@ -69,6 +70,10 @@ class Sampler:
     def index(self, n: int) -> int:
         """One index of range(n), uniformly at random."""
         return int(torch.randint(n, (1,), generator=self.generator))
+
+    def gaussian(self, rows: int, columns: int, dtype: torch.dtype) -> Tensor:
+        """A (rows, columns) CPU tensor of independent N(0, 1) entries, in `dtype`."""
+        return torch.randn(rows, columns, generator=self.generator, dtype=dtype)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
@@ -151,9 +156,17 @@ class StochasticProblem:
 
     def outer_gradients(self, x: Tensor, z: Tensor, batch: Tensor) -> tuple[Tensor, Tensor]:
         """(grad_x f_B, grad_z f_B) at (x, z)."""
+        return self._gradients(self.outer, x, z, batch)
+
+    def inner_gradients(self, x: Tensor, z: Tensor, batch: Tensor) -> tuple[Tensor, Tensor]:
+        """(grad_x g_B, grad_z g_B) at (x, z), by one backward: the oracle of the first-order
+        solvers (F2SA, BOME), which need g's gradient in x and never its second derivatives."""
+        return self._gradients(self.inner, x, z, batch)
+
+    def _gradients(self, objective, x: Tensor, z: Tensor, batch: Tensor):
         x, z = x.detach().requires_grad_(True), z.detach().requires_grad_(True)
         with torch.enable_grad():
-            value = self.outer(self.x_layout.unflatten(x), self.z_layout.unflatten(z), batch)
+            value = objective(self.x_layout.unflatten(x), self.z_layout.unflatten(z), batch)
             gx, gz = _grads(value, [x, z])
         return gx, gz
 

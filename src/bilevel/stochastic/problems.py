@@ -35,12 +35,16 @@ class QuadraticProblem(StochasticProblem):
     mean e_j. The variables are {"x": (dim_outer,)} and {"z": (dim_inner,)}, starting at zero.
 
     Args:
-        n_inner, n_outer: numbers of samples.
-        dim_inner, dim_outer: sizes of z and x.
-        mu_inner, smooth_inner: the inner strong convexity and smoothness, 0 < mu < smooth.
+        n_inner: the number of inner samples.
+        n_outer: the number of outer samples.
+        dim_inner: the size of z.
+        dim_outer: the size of x.
+        mu_inner: the inner strong convexity, 0 < mu_inner < smooth_inner.
+        smooth_inner: the inner smoothness.
         mu_outer: the ridge penalty on x in f (> 0 makes h strongly convex).
         seed: seeds the data (its own generator: the global one is untouched).
-        dtype, device: of the data and variables.
+        dtype: of the data and variables.
+        device: of the data and variables.
     """
 
     def __init__(

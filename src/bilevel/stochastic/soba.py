@@ -4,7 +4,26 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from .problem import StochasticProblem
 from .solver import StochasticSolver, fraction, positive
+
+
+def directions(
+    problem: StochasticProblem, x: Tensor, z: Tensor, v: Tensor, inner: Tensor, outer: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """SOBA's three directions at (x, z, v) on the minibatches `inner` and `outer`:
+    (grad_z g, d2_zz g v + grad_z f, d2_xz g v + grad_x f), one double backward and one
+    outer gradient."""
+    gradient, hessian_v, cross_v = problem.inner_products(x, z, v, inner)
+    outer_x, outer_z = problem.outer_gradients(x, z, outer)
+    return gradient, hessian_v + outer_z, cross_v + outer_x
+
+
+def project_onto_ball(vector: Tensor, radius: float | None) -> None:
+    """Scale `vector` in place onto the ball of `radius` around 0 if it lies outside (nothing for
+    radius None)."""
+    if radius is not None:
+        vector.mul_((radius / vector.norm()).clamp(max=1.0))
 
 
 class SOBA(StochasticSolver):
@@ -34,9 +53,7 @@ class SOBA(StochasticSolver):
     def _directions(self) -> tuple[Tensor, Tensor, Tensor]:
         """(D_z, D_v, D_x) from one inner and one outer minibatch."""
         inner, outer = self._draw_inner(), self._draw_outer()
-        gradient, hessian_v, cross_v = self.problem.inner_products(self._x, self._z, self._v, inner)
-        outer_x, outer_z = self.problem.outer_gradients(self._x, self._z, outer)
-        return gradient, hessian_v + outer_z, cross_v + outer_x
+        return directions(self.problem, self._x, self._z, self._v, inner, outer)
 
     def _advance(self, inner_rate: float, linear_rate: float, outer_rate: float) -> None:
         d_z, d_v, d_x = self._directions()
@@ -90,8 +107,7 @@ class MASOBA(SOBA):
         theta, radius = self.settings["averaging"], self.settings["radius"]
         self._z.add_(d_z, alpha=-inner_rate)
         self._v.add_(d_v, alpha=-linear_rate)
-        if radius is not None:
-            self._v.mul_((radius / self._v.norm()).clamp(max=1.0))
+        project_onto_ball(self._v, radius)
         self._x.add_(self._h, alpha=-outer_rate)
         self._h.mul_(1 - theta).add_(d_x, alpha=theta)
 

@@ -41,10 +41,11 @@ class StochasticSolver:
         outer_step: the step size on x (gamma; beta in Ji et al.).
         linear_step: the step size on v (the linear system), or of the Neumann series in
             StocBiO; None uses inner_step (SOBA's and SABA's single rho).
-        inner_batch, outer_batch: minibatch sizes, at most n_inner and n_outer.
-        inner_decay, outer_decay: exponents of decreasing steps: at iteration k >= 1 the
-            inner and linear steps are multiplied by k^-inner_decay, the outer by
-            k^-outer_decay (0: constant steps, the default).
+        inner_batch: the inner minibatch size, at most n_inner.
+        outer_batch: the outer minibatch size, at most n_outer.
+        inner_decay: the exponent of decreasing inner and linear steps: at iteration k >= 1
+            they are multiplied by k^-inner_decay (0: constant steps, the default).
+        outer_decay: the same for the outer step, k^-outer_decay.
         seed: seeds the minibatch sampler.
         evaluate_every: iterations between evaluations: full-batch metrics (not counted as
             samples nor in `seconds`), appended to `history` and passed to each callback.
@@ -112,9 +113,9 @@ class StochasticSolver:
     @classmethod
     def accepted_settings(cls) -> tuple[list[str], list[str]]:
         """(every setting's name, those without a default), from the constructors' keyword-only
-        parameters (a subclass's own, then the common ones it passes on)."""
+        parameters (a subclass's own, its bases', then the common ones it passes on)."""
         names, required = [], []
-        for klass in (cls, StochasticSolver):
+        for klass in cls.__mro__[: cls.__mro__.index(StochasticSolver) + 1]:
             for p in inspect.signature(klass.__init__).parameters.values():
                 if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in names:
                     names.append(p.name)
@@ -143,8 +144,8 @@ class StochasticSolver:
         self.samples["inner"] += size
         return self.sampler.batch(self.problem.n_inner, size).to(self.problem.device)
 
-    def _draw_outer(self) -> Tensor:
-        size = self.settings["outer_batch"]
+    def _draw_outer(self, size: int | None = None) -> Tensor:
+        size = self.settings["outer_batch"] if size is None else size
         self.samples["outer"] += size
         return self.sampler.batch(self.problem.n_outer, size).to(self.problem.device)
 

@@ -87,6 +87,14 @@ def targets(rows: list[dict]) -> list[tuple[str, str, bool | None]]:
     if traj and bound:
         out.append(("W1 T=1000: trajectory ≤ 2.5× inner training",
                     f"{_t(traj) / _t(bound):.2f}×", _t(traj) <= 2.5 * _t(bound)))  # fmt: skip
+    acts, graph = (get("w1", {"T": 1000}, f"bilevel:reverse-{p}") for p in ("activations", "graph"))
+    if acts and bound:
+        out.append(("W1 T=1000: activations ≤ 2.5× inner training",
+                    f"{_t(acts) / _t(bound):.2f}×", _t(acts) <= 2.5 * _t(bound)))  # fmt: skip
+    if acts and graph:
+        out.append(("W1 T=1000: activations memory a fraction of the graph's",
+                    f"{megabytes(acts['peak_bytes'])} vs {megabytes(graph['peak_bytes'])}",
+                    acts["peak_bytes"] < graph["peak_bytes"]))  # fmt: skip
     best = [get("w1", {"T": 1000}, p) for p in ("higher", "torchopt")]
     best = min((r["peak_bytes"] for r in best if r), default=None)
     if traj and best:

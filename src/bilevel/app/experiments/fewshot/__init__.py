@@ -4,6 +4,8 @@
 ``bilevel fewshot classical`` trains the same network single-level on all meta-training
 classes (the E3 baseline), and ``bilevel fewshot test RUN`` evaluates either on seeded
 meta-test episodes with fresh linear heads, for several numbers of inner steps.
+``bilevel fewshot export RUN --name NAME`` writes a run's network as a weights file with its
+measured row (weights.py, export.py); ``fewshot test`` takes such a file or its name too.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, get_args
 
 from pydantic import Field, model_validator
 
@@ -19,18 +19,28 @@ EXAMPLES = {"omniglot": 20, "miniimagenet": 600}
 IMAGES = {"omniglot": (1, 28), "miniimagenet": (3, 84)}  # channels, side
 
 # Settings that change neither the training trajectory nor its checkpoints: a run may be
-# resumed with a larger budget, and tested with other test settings.
+# resumed with a larger budget, and tested with other test settings. (Meta-validation has its
+# own batch-norm mode, val_batch_norm, which is hashed: it decides which network is best.pt
+# and when training stops early.)
 TEST_KEYS = frozenset(
     {"test_classes", "test_episodes", "test_steps", "test_batch_norm", "test_seed", "device"}
 )
-NOT_HASHED = TEST_KEYS - {"test_batch_norm"} | {"iterations", "checkpoint_every"}
+NOT_HASHED = TEST_KEYS | {"iterations", "checkpoint_every"}
 # Settings added after runs were checkpointed, with the value that means "not used": at that
 # value they are left out of a checkpoint's identity, so the earlier runs still load.
 ADDED_LATER = {"init_from": None, "feature_norm": None}
 # Episode settings a test may change: a representation trained on 5-way episodes tested on
 # 20-way ones, or a classical network on every cell.
 EPISODE_KEYS = frozenset({"ways", "shots", "queries"})
-# (validation uses test_batch_norm)
+# How an episode's images meet batch norm outside training (learners._episode_features).
+BatchNormMode = Literal["transductive", "separate", "running"]
+BATCH_NORM_MODES = get_args(BatchNormMode)
+_BATCH_NORM_HELP = (
+    "transductive: each episode's support+query images form one batch-norm batch (its own "
+    "statistics; as train_batch_norm=episode trains); separate: the support images one batch, "
+    "the query images another (as the paper's code and MAML's do, in training too); running: "
+    "the running statistics of meta-training, each image on its own (inductive)"
+)
 
 
 class FewshotConfig(ExperimentConfig):
@@ -92,11 +102,13 @@ class FewshotConfig(ExperimentConfig):
     patience: int = Field(20, gt=0, description="validations without improvement before stopping")
     test_episodes: int = Field(600, gt=0)
     test_steps: list[int] = Field([1, 3, 5, 10, 20], min_length=1, description="T ablation")
-    test_batch_norm: Literal["transductive", "running"] = Field(
+    val_batch_norm: BatchNormMode = Field(
+        "transductive", description=f"batch norm at meta-validation. {_BATCH_NORM_HELP}"
+    )
+    test_batch_norm: BatchNormMode = Field(
         "transductive",
-        description="also at meta-validation. transductive: each episode is normalised by the "
-        "batch statistics of its own support+query images (as in MAML and the paper's "
-        "code); running: the running statistics accumulated during meta-training",
+        description=f"batch norm at meta-test (a test setting: any trained run takes any mode). "
+        f"{_BATCH_NORM_HELP}",
     )
     test_seed: int = Field(1, ge=0, description="seed of the test episodes")
 

@@ -14,11 +14,17 @@ their own statistics, in one forward pass of the meta-batch (:class:`EpisodeBatc
 running statistics take one update per iteration, by the mean of the episodes' statistics.
 No episode's features depend on another's, so a meta-batch split over processes gives the
 numbers of one process (bilevel.app.distributed). ``"meta-batch"`` normalises the whole meta-batch
-as one batch-norm batch (one process only). At meta-validation and meta-test
-(``test_batch_norm``) either each episode is normalised with the statistics of its own
-support+query images ("transductive", the default: what MAML and the paper's code did, and
-what training does) or with the running statistics accumulated in training ("running": no
-episode sees another's or its own query statistics).
+as one batch-norm batch (one process only). At meta-validation (``val_batch_norm``) and
+meta-test (``test_batch_norm``) the network is run in one of three ways (``_episode_features``):
+
+- "transductive" (the default, as training normalises): an episode's support and query images
+  form one batch-norm batch; every feature depends on every image of its episode.
+- "separate": the support images form one batch-norm batch and the query images another, as
+  the paper's code (FAR-HO, where support and query are fed to the network apart) and MAML's
+  do, in training and at test; a support feature depends on the support images only, a query
+  feature on the query images only (on the other queries too: still transductive over them).
+- "running": the running statistics of meta-training, in eval mode; every image's features
+  depend on that image alone (inductive).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import bilevel
 
 from ... import models
 from ...data import Episodes
-from .config import IMAGES, FewshotConfig
+from .config import BATCH_NORM_MODES, IMAGES, FewshotConfig
 
 
 class EpisodeBatchNorm2d(nn.BatchNorm2d):
@@ -272,8 +278,14 @@ def _batch_accuracy(
 
 
 def _episode_features(net: nn.Module, batch: Episodes, batch_norm: str) -> tuple[Tensor, Tensor]:
-    """Support and query features [B, n, d]: each episode in a batch-norm batch of its own
-    (transductive), or all at once with the running statistics."""
+    """Support and query features [B, n, d] of each episode, batch norm as ``batch_norm`` says
+    (the module docstring): "transductive" (support+query one batch-norm batch per episode),
+    "separate" (support one batch, query another) or "running" (running statistics). The
+    running statistics are left untouched."""
+    if batch_norm not in BATCH_NORM_MODES:
+        raise ValueError(
+            f"batch_norm={batch_norm!r}: expected one of {', '.join(BATCH_NORM_MODES)}"
+        )
     b, n_support = batch.support_y.shape
     images = torch.cat([batch.support_x, batch.query_x], 1)  # [B, n_s + n_q, C, H, W]
     was_training = net.training
@@ -283,7 +295,12 @@ def _episode_features(net: nn.Module, batch: Episodes, batch_norm: str) -> tuple
     else:
         net.train()  # batch statistics, but the running ones are left untouched
         params, apply = bilevel.functional(net)
-        features = torch.stack([apply(params, episode) for episode in images])
+        if batch_norm == "transductive":
+            features = torch.stack([apply(params, episode) for episode in images])
+        else:
+            support = torch.stack([apply(params, episode) for episode in batch.support_x])
+            query = torch.stack([apply(params, episode) for episode in batch.query_x])
+            features = torch.cat([support, query], 1)
     net.train(was_training)
     return features[:, :n_support], features[:, n_support:]
 

@@ -38,6 +38,7 @@ from ...runs import remove_partial_writes
 from ..common import seed_everything
 from .config import FewshotConfig
 from .data import ImageSampler, class_sets, episodes
+from .identity import identity, load_checkpoint
 from .learners import Learner, classical_loss, confidence, evaluate, meta_loss, norm_statistics
 
 CHECKPOINT, BEST = "checkpoint.pt", "best.pt"
@@ -64,17 +65,12 @@ class Resume:
     lines: list[dict] = field(default_factory=list)
 
 
-def identity(config: FewshotConfig, mode: str) -> dict:
-    """The settings a checkpoint is bound to."""
-    return {**config.hashed(), "mode": mode}
-
-
 def prepare_resume(config: FewshotConfig, out: Path, mode: str) -> Resume:
     """Read and verify ``out``'s checkpoint before anything in ``out`` is overwritten."""
     path = Path(out) / CHECKPOINT
     if not path.is_file():
         raise checkpoints.CheckpointError(f"--resume: no {CHECKPOINT} in {out}")
-    state = checkpoints.load(path, identity(config, mode))
+    state = load_checkpoint(path, config, mode)
     lines = state.get("history")
     if lines is None:  # a checkpoint without its metrics lines: read them from metrics.jsonl
         lines = _metrics_lines(Path(out) / "metrics.jsonl")
@@ -164,7 +160,7 @@ class Trainer:
                 sampler,
                 self.config.val_episodes,
                 [steps],
-                self.config.test_batch_norm,
+                self.config.val_batch_norm,
                 share=(group.rank, group.size),
             )[steps]
         except BilevelError as error:  # every rank must learn of it before the next collective

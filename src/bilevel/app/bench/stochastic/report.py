@@ -192,7 +192,8 @@ def plot(out: Path, mode: str, problem: dict, runs: list[dict]) -> Path | None:
     drawn = False
     for index, solver in enumerate(summary["solvers"]):
         seeds = [r for r in runs if r["solver"] == solver and "failure" not in r]
-        colour = f"C{index % 10}"
+        colour = f"C{index % 10}"  # ten colours, then the same dashed, then dotted
+        style = ("-", "--", ":")[index // 10 % 3]
         for axis, key in zip(axes, ("seconds", "samples")):
             curves = [
                 (
@@ -205,7 +206,7 @@ def plot(out: Path, mode: str, problem: dict, runs: list[dict]) -> Path | None:
             if found is None:
                 continue
             grid, middle, low, high = found
-            axis.plot(grid, middle, color=colour, label=solver)
+            axis.plot(grid, middle, color=colour, linestyle=style, label=solver)
             axis.fill_between(grid, low, high, color=colour, alpha=0.2, linewidth=0)
             drawn = True
     if not drawn:
@@ -221,7 +222,7 @@ def plot(out: Path, mode: str, problem: dict, runs: list[dict]) -> Path | None:
         ylabel
         + (" (h* estimated)" if problem["reference"].get("how") != "closed form" and log_y else "")
     )
-    axes[1].legend(fontsize=8)
+    axes[1].legend(fontsize=7, ncol=2)
     figure.suptitle(f"{problem['name']} — {problem['data']}: median and 20–80 % over {seeds} seeds")
     figure.tight_layout()
     path = out / f"{problem['name']}_{mode}.png"

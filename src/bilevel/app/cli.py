@@ -29,10 +29,12 @@ def methods() -> None:
 def _register_commands() -> None:
     """``bench`` and every experiment's command, as the experiments declare them."""
     from .bench.cli import bench
+    from .bench.stochastic.cli import stochastic_bench
     from .commands import build
     from .experiments import command_line
 
     main.add_command(bench)
+    main.add_command(stochastic_bench)
     for entry in command_line():
         main.add_command(build(entry))
 

@@ -1,6 +1,7 @@
 """Data sets and the machinery to find, verify and fetch their files."""
 
 from .episodes import ClassSet, Episodes, EpisodeSampler
+from .libsvm import load_libsvm, stand_in
 from .miniimagenet import MiniImageNetData, load_miniimagenet, miniimagenet_split
 from .mnist import Split, load_mnist
 from .omniglot import OmniglotData, load_omniglot, omniglot_split
@@ -13,6 +14,7 @@ __all__ = [
     "Episodes",
     "MiniImageNetData",
     "OmniglotData",
+    "load_libsvm",
     "load_miniimagenet",
     "load_omniglot",
     "miniimagenet_split",
@@ -24,4 +26,5 @@ __all__ = [
     "ensure_file",
     "load_mnist",
     "sha256_file",
+    "stand_in",
 ]

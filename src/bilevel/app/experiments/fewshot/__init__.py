@@ -16,8 +16,8 @@ from .. import Experiment, Group
 from .commands import compare_command, export_command, test_command
 from .config import PRESETS, FewshotConfig, FewshotTestConfig
 from .evaluation import run_test, test_overrides
-from .identity import older_identities
-from .train import identity, run_training, training_run, upgrade
+from .identity import identity, older_identities
+from .train import run_training, training_run, upgrade
 
 __all__ = [
     "CLASSICAL",

@@ -174,9 +174,10 @@ class LogisticRegularisation(LearningProblem):
     G is strongly convex in z with modulus min_k exp(x_k).
 
     Args:
-        features, labels: the training (inner) samples, [n, d] floating point and [n] in
-            {-1, +1} (any dtype).
-        val_features, val_labels: the validation (outer) samples, likewise.
+        features: the training (inner) samples' features, [n, d] floating point.
+        labels: their labels, [n] in {-1, +1} (any dtype).
+        val_features: the validation (outer) samples' features, likewise.
+        val_labels: their labels.
         test: (features, labels) of test samples, or None.
         log_weights: x's starting value, one number for every feature (default 0: weights 1).
         **options: LearningProblem's (exact_value, solve_tolerance, solve_iterations).
@@ -227,11 +228,14 @@ class SoftmaxRegularisation(LearningProblem):
     (Dagreou et al. 2022's covtype problem.) No intercept, so G is strongly convex in W.
 
     Args:
-        features, labels: the training (inner) samples, [n, d] and [n] class indices in
-            0 .. classes - 1.
-        val_features, val_labels: the validation (outer) samples.
+        features: the training (inner) samples' features, [n, d].
+        labels: their class indices, [n] in 0 .. classes - 1.
+        val_features: the validation (outer) samples' features.
+        val_labels: their class indices.
         classes: the number of classes (default: 1 + the largest label seen).
-        test, log_weights, **options: as LogisticRegularisation's.
+        test: as LogisticRegularisation's.
+        log_weights: as LogisticRegularisation's.
+        **options: as LogisticRegularisation's.
 
     x = {"log_weights": [classes]}, z = {"W": [d, classes]} starting at zero.
     """
@@ -288,8 +292,10 @@ class DataCleaning(LearningProblem):
     sigmoid(x_i) over the corrupted and the clean examples (the first should fall).
 
     Args:
-        features, labels: the training (inner) samples, [n, d] and [n] clean class indices.
-        val_features, val_labels: the clean validation (outer) samples.
+        features: the training (inner) samples' features, [n, d].
+        labels: their clean class indices, [n].
+        val_features: the clean validation (outer) samples' features.
+        val_labels: their class indices.
         corruption: the fraction p in [0, 1) of training labels corrupted.
         regularisation: the L2 coefficient on W (> 0: G strongly convex in W).
         classes: the number of classes (default: 1 + the largest label seen).

@@ -55,7 +55,7 @@ VARIANTS = {
     "fused": dict(memory_format="contiguous", fused_blocks=True),
     "channels_last": dict(memory_format="channels_last", fused_blocks=False),
     "default": {},
-    "bf16": dict(representation_precision="bf16"),
+    "bf16": dict(network_precision="bf16"),
 }
 WORKER = ("reference", "default")  # also measured with the system allocator
 SYSTEM = "system allocator"

@@ -286,6 +286,7 @@ def test_the_measurement_leaves_the_random_stream_alone():
     torch.testing.assert_close(result.grads["log_decay"], reference, rtol=1e-10, atol=0)
 
 
+@pytest.mark.e2e
 def test_check_and_hyperoptimizer_accept_auto():
     mlp = SmallMLP()
     report = bilevel.check(
@@ -361,6 +362,7 @@ PEAK_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc/self/status")
 def test_auto_stays_under_its_budget_where_the_graph_does_not():
     """Peak resident memory of a fresh process, above its level before the run: graph ~330 MB,

@@ -7,6 +7,8 @@ import importlib.util
 import re
 from pathlib import Path
 
+import pytest
+
 from bilevel.app.bench import report, runner
 from bilevel.app.bench.common import PEERS, Impl, missing_peer
 
@@ -18,6 +20,7 @@ except ModuleNotFoundError:  # Python 3.10: the experiments extra brings tomli
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.e2e
 def test_one_tiny_measurement_gives_a_complete_row(tmp_path, monkeypatch):
     monkeypatch.setenv("BILEVEL_BENCH_CACHE", str(tmp_path))
     base = {"workload": "w1", "size": {"T": 5}, "mode": "quick", "device": "cpu", "threads": 1}

@@ -55,6 +55,7 @@ ENTRIES = {
 }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("entry", ENTRIES)
 def test_without_the_extra_the_command_line_says_what_to_install(entry):
     result = run_without(["click", "yaml"], ENTRIES[entry], "--help")
@@ -65,6 +66,7 @@ def test_without_the_extra_the_command_line_says_what_to_install(entry):
     assert line.endswith("pip install 'bilevel[experiments]'")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("entry", ENTRIES)
 def test_with_the_extra_both_entries_run_the_command_line(entry):
     result = run_without([], ENTRIES[entry], "--help")
@@ -98,6 +100,7 @@ print(json.dumps({"error": error, "added": sorted(set(sys.modules) - before)}))
 """
 
 
+@pytest.mark.e2e
 def test_import_bilevel_loads_nothing_of_the_application():
     run = subprocess.run(
         [sys.executable, "-c", ENGINE_ONLY], capture_output=True, text=True, timeout=120, cwd=ROOT
@@ -204,6 +207,7 @@ def test_the_application_uses_only_the_public_api_of_the_engine():
     assert found == []
 
 
+@pytest.mark.e2e
 def test_python_m_bilevel_runs_the_command_line():
     run = subprocess.run(
         [sys.executable, "-m", "bilevel", "--help"],

@@ -1,13 +1,15 @@
-import subprocess
-import sys
+"""`bilevel` as users run it, in a process of its own: version, help, methods, a typo."""
+
+import pytest
 
 import bilevel
+from tests.conftest import bilevel_command
+
+pytestmark = pytest.mark.e2e
 
 
 def run(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "bilevel", *args], capture_output=True, text=True, timeout=120
-    )
+    return bilevel_command(*args, timeout=120)
 
 
 def test_version_and_help():

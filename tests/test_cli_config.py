@@ -7,8 +7,7 @@ import pytest
 
 from bilevel.app.experiments.config import resolve
 from bilevel.app.experiments.fewshot import TEST, FewshotConfig
-from tests.test_cli_runs import one_line
-from tests.test_fewshot import in_process
+from tests.conftest import in_process, one_line
 
 COMMANDS = [["hyperclean"], ["hparams"], ["convergence"], ["fewshot", "train"],
             ["fewshot", "classical"]]  # fmt: skip

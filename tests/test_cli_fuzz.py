@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from bilevel.app import checkpoints
 from bilevel.app.experiments.fewshot import FewshotConfig
-from tests.test_fewshot import DATA, in_process, needs_omniglot
+from tests.conftest import DATA, in_process, needs_omniglot
 
 KEYS = sorted(FewshotConfig.model_fields) + ["no_such_key", "ways.sub", ""]
 VALUES = st.one_of(

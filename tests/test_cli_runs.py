@@ -13,7 +13,7 @@ import pytest
 
 from bilevel.app import checkpoints, runs
 from bilevel.app.experiments.fewshot import FewshotConfig
-from tests.test_fewshot import DATA, in_process
+from tests.conftest import DATA, in_process, needs_mnist, one_line
 
 matplotlib.use("Agg")
 
@@ -25,22 +25,9 @@ TINY = [
     "--set", "compare_iterations=0",
 ]  # fmt: skip
 
-needs_mnist = pytest.mark.skipif(
-    not (DATA / "mnist").is_dir(), reason=f"MNIST not found under {DATA} (set BILEVEL_DATA)"
-)
-
 
 def hyperclean(*args):
     return in_process("hyperclean", *TINY, *args)
-
-
-def one_line(result, code: int) -> str:
-    """The single error line of a refused or failed command."""
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    lines = [x for x in result.output.strip().splitlines() if x.startswith("Error:")]
-    assert len(lines) == 1, result.output
-    return lines[0].removeprefix("Error: ")
 
 
 def contents(out: Path) -> dict[str, bytes]:
@@ -48,7 +35,7 @@ def contents(out: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(tmp_path_factory):  # a training run: the tests that use it are e2e
     out = tmp_path_factory.mktemp("finished") / "run"
     result = hyperclean("--out", out)
     assert result.exit_code == 0, result.output
@@ -61,6 +48,7 @@ def copy(finished, tmp_path):
     return Path(shutil.copytree(finished, tmp_path / "run"))
 
 
+@pytest.mark.e2e
 @needs_mnist
 def test_auto_resume_with_another_configuration_leaves_the_run_untouched(copy, monkeypatch):
     before = contents(copy)
@@ -72,6 +60,7 @@ def test_auto_resume_with_another_configuration_leaves_the_run_untouched(copy, m
     assert "--overwrite" in line
 
 
+@pytest.mark.e2e
 @needs_mnist
 def test_auto_resume_with_the_same_configuration_continues_the_run(copy, monkeypatch):
     monkeypatch.setenv(checkpoints.AUTO_RESUME, "auto")
@@ -82,6 +71,7 @@ def test_auto_resume_with_the_same_configuration_continues_the_run(copy, monkeyp
     assert (copy / "metrics.jsonl").read_text() == lines
 
 
+@pytest.mark.e2e
 @needs_mnist
 def test_a_new_run_into_a_finished_run_is_refused_unless_overwrite(copy):
     before = contents(copy)
@@ -103,6 +93,7 @@ def test_a_new_run_into_a_finished_run_is_refused_unless_overwrite(copy):
     assert len((copy / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+@pytest.mark.e2e
 @needs_mnist
 def test_a_worker_that_torchrun_restarts_resumes_despite_overwrite(copy, monkeypatch):
     # its first attempt replaced the old run; the restart must continue the new one
@@ -112,6 +103,7 @@ def test_a_worker_that_torchrun_restarts_resumes_despite_overwrite(copy, monkeyp
     assert "resumed: 2 stages finished" in (copy / "run.log").read_text()
 
 
+@pytest.mark.e2e
 @needs_mnist
 def test_an_unfinished_run_without_a_checkpoint_may_be_started_again(copy):
     # what a run killed before its first checkpoint leaves: nothing a new run would lose
@@ -187,6 +179,7 @@ def test_written_files_respect_the_umask(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no leftovers
 
 
+@pytest.mark.e2e
 @needs_mnist
 def test_every_file_of_a_run_is_readable_as_the_umask_allows(finished):
     umask = os.umask(0)

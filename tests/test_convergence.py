@@ -2,10 +2,6 @@
 checked against finite differences in float64."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,9 +18,8 @@ from bilevel.app.experiments.convergence import (
     problem,
     zero_classifier,
 )
+from tests.conftest import DATA, bilevel_command, needs_omniglot
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("BILEVEL_DATA", ROOT.parent / "shared" / "data"))
 TINY = {
     "classes": 5,
     "features": 8,
@@ -34,26 +29,22 @@ TINY = {
     "hyper_lr": 0.01,
 }
 
-pytestmark = pytest.mark.skipif(
-    not (DATA / "omniglot").is_dir(), reason=f"Omniglot not found under {DATA} (set BILEVEL_DATA)"
-)
+pytestmark = needs_omniglot
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("convergence")
     settings = [f"--set={key}={json.dumps(value)}" for key, value in TINY.items()]
-    result = subprocess.run(
-        [sys.executable, "-m", "bilevel", "convergence", "--preset", "quick", *settings]
-        + ["--quiet", "--data-dir", str(DATA), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = bilevel_command(
+        "convergence", "--preset", "quick", *settings,
+        "--quiet", "--data-dir", DATA, "--out", out,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
     return out
 
 
+@pytest.mark.e2e
 def test_run_writes_rows_plots_and_representations(tiny_run):
     summary = json.loads((tiny_run / "summary.json").read_text())
     assert summary["status"] == "completed"
@@ -72,6 +63,7 @@ def test_run_writes_rows_plots_and_representations(tiny_run):
     assert all(float(r.norm()) <= TINY["radius"] * (1 + 1e-6) for r in saved.values())
 
 
+@pytest.mark.e2e
 def test_reported_f_is_the_validation_loss_at_the_exact_inner_solution(tiny_run):
     """Recompute f(lambda_T) and f_T(lambda_T) independently: 3000 plain gradient steps
     contract the distance to w_lambda by (1 - lr l2)^3000 < 1e-13."""

@@ -3,9 +3,6 @@
 import copy
 import json
 import logging
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,7 +14,8 @@ from bilevel.app import distributed
 from bilevel.app.experiments.fewshot import FewshotConfig
 from bilevel.app.experiments.fewshot.learners import episode_groups, per_episode_norm
 from bilevel.app.experiments.fewshot.train import TrainingError, build
-from tests.test_fewshot import DATA, TINY, in_process, metrics, needs_omniglot
+from tests.conftest import DATA, in_process, metrics, needs_omniglot, start_torchrun
+from tests.test_fewshot import TINY
 
 CONFIG = dict(width=0.125, train_classes=40, val_classes=20, meta_batch=4, learn_inner_lr=True)
 
@@ -50,7 +48,7 @@ def _one_step(group):
     """The gradients and batch-norm statistics after one training step."""
     torch.set_num_threads(1)
     trainer = build(FewshotConfig(**CONFIG), DATA, "bilevel", logging.getLogger("t"), group)
-    loss, accuracy, _ = trainer.step()
+    loss, accuracy = trainer.train_step()
     learner = trainer.learner
     return {
         "grads": {k: p.grad.clone() for k, p in learner.named_parameters()},
@@ -70,6 +68,7 @@ def _worker(rank, port, path):
         dist.destroy_process_group()
 
 
+@pytest.mark.e2e
 @needs_omniglot
 def test_two_processes_give_the_one_process_gradient(tmp_path):
     path = tmp_path / "two.pt"
@@ -92,20 +91,11 @@ def test_two_processes_give_the_one_process_gradient(tmp_path):
     assert two["accuracy"] == pytest.approx(one["accuracy"], rel=1e-6)
 
 
-def torchrun(*args, processes=2, timeout=180, extra=()):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}"]
-    command += [f"--master_port={distributed.free_port()}", *extra, "-m", "bilevel"]
-    return subprocess.Popen(
-        [*command, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=env,
-    )  # fmt: skip
-
-
+@pytest.mark.e2e
 @needs_omniglot
 def test_torchrun_two_processes_follow_the_one_process_run(tmp_path):
     settings = [*TINY, "--set", "iterations=6", "--set", "validate_every=3"]
-    process = torchrun("fewshot", "train", *settings, "--out", tmp_path / "two")
+    process = start_torchrun("fewshot", "train", *settings, "--out", tmp_path / "two", processes=2)
     result = in_process("fewshot", "train", *settings, "--out", tmp_path / "one")
     assert result.exit_code == 0, result.output
     _, stderr = process.communicate(timeout=180)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 NUMBER = r"([-+0-9.e]+)"
@@ -44,6 +46,7 @@ def test_every_example_is_tested_and_listed():
     assert all(f"({name})" in table for name in scripts)
 
 
+@pytest.mark.e2e
 def test_per_layer_weight_decay_lowers_validation_and_test_loss():
     out = run_example("01_per_layer_weight_decay.py")
     before, after = numbers(r"validation loss: before NUMBER, after NUMBER", out)
@@ -52,6 +55,7 @@ def test_per_layer_weight_decay_lowers_validation_and_test_loss():
     assert after < before
 
 
+@pytest.mark.e2e
 def test_real_time_schedule_beats_the_fixed_settings():
     out = run_example("02_real_time_lr_momentum.py")
     fixed, tuned = numbers(r"validation loss: fixed NUMBER, tuned NUMBER", out)
@@ -61,6 +65,7 @@ def test_real_time_schedule_beats_the_fixed_settings():
     assert float(schedule[-1][0]) > start_lr  # the timid start was raised during the run
 
 
+@pytest.mark.e2e
 def test_maml_variants_all_beat_no_meta_learning_on_held_out_tasks():
     out = run_example("03_maml_linear_regression.py")
     (baseline,) = numbers(r"theta = 0 \(no meta-learning\): NUMBER", out)
@@ -69,6 +74,7 @@ def test_maml_variants_all_beat_no_meta_learning_on_held_out_tasks():
         assert loss < 0.5 * baseline, method
 
 
+@pytest.mark.e2e
 def test_reweighting_down_weights_the_corrupted_examples():
     out = run_example("04_data_reweighting.py")
     caught, corrupted = numbers(r"corrupted examples with weight < 0.5: NUMBER of NUMBER", out)
@@ -79,6 +85,7 @@ def test_reweighting_down_weights_the_corrupted_examples():
     assert after > before
 
 
+@pytest.mark.e2e
 def test_hyper_representation_raises_query_accuracy():
     out = run_example("05_hyper_representation.py")
     before, after = numbers(r"query accuracy: before NUMBER, after NUMBER", out)
@@ -87,6 +94,7 @@ def test_hyper_representation_raises_query_accuracy():
     assert after > raw + 0.2
 
 
+@pytest.mark.e2e
 def test_custom_solvers_agree_with_finite_differences():
     out = run_example("06_implicit_custom_solvers.py")
     for solver in ("custom_argmin", "custom_fixed_point"):

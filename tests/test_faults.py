@@ -4,22 +4,20 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from bilevel.app import checkpoints, distributed
+from bilevel.app import checkpoints
 from bilevel.app.experiments.fewshot.train import CHECKPOINT
-from tests.test_fewshot import TINY, in_process, metrics, needs_omniglot
+from tests.conftest import in_process, metrics, needs_omniglot, start_bilevel, start_torchrun
+from tests.test_fewshot import TINY
 
-pytestmark = needs_omniglot
+pytestmark = [needs_omniglot, pytest.mark.e2e]  # trainings, killed, restarted by torchrun
 SETTINGS = [*TINY, "--set", "iterations=16", "--set", "validate_every=4",
             "--set", "checkpoint_every=2"]  # fmt: skip
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +29,7 @@ def uninterrupted(tmp_path_factory):
 
 
 def start(out, *extra):
-    command = [sys.executable, "-m", "bilevel", "fewshot", "train", *SETTINGS, "--out", out]
-    return subprocess.Popen(
-        [*map(str, command), *extra], stderr=subprocess.PIPE, text=True, env=ENV
-    )
+    return start_bilevel("fewshot", "train", *SETTINGS, "--out", out, *extra)
 
 
 def test_killed_at_random_moments_and_resumed_gives_the_uninterrupted_numbers(
@@ -75,12 +70,7 @@ def worker_pids(pid: int) -> list[int]:
 
 def test_torchrun_restarts_a_killed_worker_from_its_checkpoint(uninterrupted, tmp_path):
     out = tmp_path / "elastic"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
-               "--max-restarts=1", f"--master_port={distributed.free_port()}",
-               "-m", "bilevel", "fewshot", "train", *SETTINGS, "--out", out]  # fmt: skip
-    agent = subprocess.Popen(
-        [*map(str, command)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
-    )
+    agent = start_torchrun("fewshot", "train", *SETTINGS, "--out", out, restarts=1)
     deadline = time.time() + 90
     while not (out / CHECKPOINT).is_file():
         assert time.time() < deadline and agent.poll() is None, agent.stderr.read()

@@ -2,22 +2,16 @@
 
 import copy
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from bilevel.app import checkpoints
-from bilevel.app.cli import main as cli
 from bilevel.app.data import Episodes
 from bilevel.app.experiments.fewshot import PRESETS, FewshotConfig
 from bilevel.app.experiments.fewshot.config import EPISODE_KEYS, TEST_KEYS
@@ -28,9 +22,8 @@ from bilevel.app.experiments.fewshot.learners import (
     meta_loss,
     train_heads,
 )
+from tests.conftest import DATA, bilevel_command, in_process, metrics, needs_omniglot, start_bilevel
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("BILEVEL_DATA", ROOT.parent / "shared" / "data"))
 TINY = [
     "--preset", "quick",
     "--set", "width=0.125",
@@ -43,37 +36,6 @@ TINY = [
     "--data-dir", str(DATA),
 ]  # fmt: skip
 ITERATIONS = 40
-
-needs_omniglot = pytest.mark.skipif(
-    not (DATA / "omniglot").is_dir(), reason=f"Omniglot not found under {DATA} (set BILEVEL_DATA)"
-)
-
-
-def bilevel(*args, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count, same float sums
-    return subprocess.run(
-        [sys.executable, "-m", "bilevel", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
-
-
-def metrics(out):
-    """metrics.jsonl without timings: what must repeat bit for bit."""
-    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in lines]
-
-
-def in_process(*args):
-    """The CLI in this process (no torch import per call), on one thread as in `bilevel`."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return CliRunner().invoke(cli, [str(a) for a in args])
-    finally:
-        torch.set_num_threads(threads)
 
 
 def train(out, *extra, command="train"):
@@ -89,6 +51,7 @@ def trained(tmp_path_factory):
     return train(out, "--set", f"iterations={ITERATIONS}", "--set", "learn_inner_lr=true")
 
 
+@pytest.mark.e2e
 @needs_omniglot
 def test_train_writes_metrics_checkpoints_summary_and_curve(trained):
     summary = json.loads((trained / "summary.json").read_text())
@@ -109,11 +72,12 @@ def test_train_writes_metrics_checkpoints_summary_and_curve(trained):
     assert (trained / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.e2e
 @needs_omniglot
 def test_test_command_reports_accuracy_with_ci_by_inner_steps(trained, tmp_path):
     out = tmp_path / "test"
     # a process of its own: `bilevel fewshot test` as users run it
-    result = bilevel(
+    result = bilevel_command(
         "fewshot", "test", trained, "--out", out, "--data-dir", DATA, "--quiet",
         "--set", "test_episodes=60", "--set", "test_steps=[1,3,10]", "--set", "test_classes=40",
     )  # fmt: skip
@@ -129,6 +93,7 @@ def test_test_command_reports_accuracy_with_ci_by_inner_steps(trained, tmp_path)
     assert (out / "accuracy_vs_steps.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.e2e
 @needs_omniglot
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_run_made_on_a_gpu_is_tested_here_with_device_cpu(trained, tmp_path):
@@ -146,6 +111,7 @@ def test_a_run_made_on_a_gpu_is_tested_here_with_device_cpu(trained, tmp_path):
     assert json.loads((tmp_path / "t" / "summary.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.e2e
 @needs_omniglot
 def test_compare_plots_the_validation_curves_of_runs(trained, tmp_path):
     from bilevel.app.experiments.fewshot.compare import validation_curve
@@ -190,6 +156,7 @@ def test_compare_refuses_what_is_not_a_training_run_in_one_line(tmp_path):
     assert not figure.exists()
 
 
+@pytest.mark.e2e
 @needs_omniglot
 def test_compare_leaves_out_a_last_line_cut_short(trained, tmp_path):
     run = tmp_path / "killed"
@@ -201,6 +168,7 @@ def test_compare_leaves_out_a_last_line_cut_short(trained, tmp_path):
     assert (tmp_path / "f.svg").read_text().lstrip().startswith("<?xml")
 
 
+@pytest.mark.e2e
 @needs_omniglot
 def test_resume_continues_with_the_same_numbers(trained, tmp_path):
     half = train(tmp_path / "half", "--set", f"iterations={ITERATIONS // 2}", "--set",
@@ -210,17 +178,12 @@ def test_resume_continues_with_the_same_numbers(trained, tmp_path):
     assert metrics(half) == metrics(trained)
 
 
+@pytest.mark.e2e
 @needs_omniglot
 def test_an_interrupted_run_resumes_with_the_same_numbers(trained, tmp_path):
     out = tmp_path / "interrupted"
     args = [*TINY, "--set", f"iterations={ITERATIONS}", "--set", "learn_inner_lr=true"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bilevel", "fewshot", "train", *args, "--out", str(out)],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    process = start_bilevel("fewshot", "train", *args, "--out", out)
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
         assert time.time() < deadline and process.poll() is None, process.stderr
@@ -235,6 +198,7 @@ def test_an_interrupted_run_resumes_with_the_same_numbers(trained, tmp_path):
     assert metrics(out) == metrics(trained)
 
 
+@pytest.mark.e2e
 @needs_omniglot
 def test_corrupt_or_foreign_checkpoint_is_one_line_and_leaves_the_run(trained, tmp_path):
     copy = tmp_path / "copy"
@@ -256,6 +220,7 @@ def test_corrupt_or_foreign_checkpoint_is_one_line_and_leaves_the_run(trained, t
     assert (copy / "metrics.jsonl").read_bytes() == before  # nothing of the run was overwritten
 
 
+@pytest.mark.e2e
 @needs_omniglot
 def test_early_stopping_after_patience_validations_without_improvement(tmp_path):
     # a learning rate too small to change any prediction: the second validation cannot improve
@@ -266,6 +231,7 @@ def test_early_stopping_after_patience_validations_without_improvement(tmp_path)
     assert summary["iterations"] == 10 and summary["best_iteration"] == 5
 
 
+@pytest.mark.e2e
 @needs_omniglot
 def test_a_run_stopped_before_its_first_validation_reports_no_best_yet(tmp_path):
     out = train(tmp_path / "short", "--set", "iterations=2")  # validates every 10
@@ -281,6 +247,7 @@ def test_a_run_stopped_before_its_first_validation_reports_no_best_yet(tmp_path)
     assert tested["best_val_accuracy"] is None and tested["checkpoint"].endswith("checkpoint.pt")
 
 
+@pytest.mark.e2e
 @needs_omniglot
 def test_classical_baseline_trains_and_tests(tmp_path):
     out = train(tmp_path / "classical", "--set", "iterations=10", command="classical")
@@ -362,6 +329,7 @@ def test_every_test_setting_has_a_case():
     assert {key for key, _ in TEST_SETTINGS} == TEST_KEYS | EPISODE_KEYS
 
 
+@pytest.mark.e2e
 @needs_omniglot
 @pytest.mark.parametrize("key,value", TEST_SETTINGS, ids=lambda v: str(v))
 def test_every_test_setting_works_on_a_run_trained_with_the_defaults(trained, tmp_path, key, value):
@@ -383,6 +351,7 @@ def resume(run, *extra):
                       "learn_inner_lr=true", *extra, "--out", run, "--resume")  # fmt: skip
 
 
+@pytest.mark.e2e
 @needs_omniglot
 def test_the_validation_mode_binds_a_checkpoint_and_the_test_mode_does_not(trained, tmp_path):
     # validation picks best.pt and stops training early: a resumed run must validate alike
@@ -410,6 +379,7 @@ def as_before_val_batch_norm(run, validation):
         checkpoints.save(run / name, checkpoints.load(run / name), bound)
 
 
+@pytest.mark.e2e
 @needs_omniglot
 def test_a_run_written_before_val_batch_norm_still_tests_and_resumes(trained, tmp_path):
     run = tmp_path / "old"

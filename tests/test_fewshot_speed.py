@@ -103,7 +103,7 @@ def test_every_option_in_float32_is_as_close_to_float64_as_the_reference(weights
 
 def test_bf16_representation_keeps_heads_and_hypergradient_in_float32(weights):
     loss64, exact, _ = meta_gradient(weights, torch.float64, **REFERENCE)
-    loss, grads, net = meta_gradient(weights, torch.float32, representation_precision="bf16")
+    loss, grads, net = meta_gradient(weights, torch.float32, network_precision="bf16")
     assert net.speed.lowered is torch.bfloat16
     assert all(p.grad.dtype == torch.float32 for p in net.parameters())
     assert relative(grads, exact) < 0.35
@@ -133,7 +133,7 @@ def test_evaluation_under_inference_mode_gives_the_reference_accuracy(weights, m
 
 
 def test_features_for_the_heads_are_ordinary_float32_tensors(weights):
-    net, _ = learner(weights, representation_precision="bf16")
+    net, _ = learner(weights, network_precision="bf16")
     with speed.features_only(net.speed):
         features = net.net(episodes().support_x[0])
     assert features.is_inference() and not features.requires_grad
@@ -255,9 +255,9 @@ def test_exact_options_stay_out_of_a_checkpoint_identity_and_bf16_is_in_it():
     assert SPEED_KEYS <= NOT_HASHED
     exact = FewshotConfig(memory_format="contiguous", fused_blocks=False, episodes_on_device=True)
     assert exact.hashed() == FewshotConfig().hashed()
-    assert "representation_precision" not in FewshotConfig().hashed()  # earlier runs still load
-    lowered = FewshotConfig(representation_precision="bf16").hashed()
-    assert lowered["representation_precision"] == "bf16"
+    assert "network_precision" not in FewshotConfig().hashed()  # earlier runs still load
+    lowered = FewshotConfig(network_precision="bf16").hashed()
+    assert lowered["network_precision"] == "bf16"
 
 
 def test_auto_memory_format_is_channels_last_on_a_cpu():

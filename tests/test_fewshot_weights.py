@@ -17,7 +17,8 @@ from bilevel.app.experiments.fewshot.weights import (
     save_weights,
     verify_manifest,
 )
-from tests.test_fewshot import DATA, as_before_val_batch_norm, in_process, needs_omniglot, train
+from tests.conftest import DATA, in_process, needs_omniglot
+from tests.test_fewshot import as_before_val_batch_norm, train
 
 ROOT = Path(__file__).resolve().parents[1]
 EPISODES = 40  # per cell of the exported row: enough to tell networks apart, fast
@@ -87,6 +88,7 @@ def summary_of_test(*args):
     return json.loads((out / "summary.json").read_text())
 
 
+@pytest.mark.e2e
 @needs_omniglot
 def test_export_lists_the_file_with_its_run_training_and_row(exported):
     run, weights, entry = exported
@@ -104,6 +106,7 @@ def test_export_lists_the_file_with_its_run_training_and_row(exported):
     assert all(0 < c["ci95"] < c["accuracy"] <= 100 for c in entry["row"])
 
 
+@pytest.mark.e2e
 @needs_omniglot
 def test_the_file_by_name_or_path_reproduces_its_row_and_the_run(exported, tmp_path):
     run, weights, entry = exported
@@ -126,6 +129,7 @@ def test_the_file_by_name_or_path_reproduces_its_row_and_the_run(exported, tmp_p
     assert separate["batch_norm"] == "separate"
 
 
+@pytest.mark.e2e
 @needs_omniglot
 def test_a_damaged_or_misdescribed_file_fails_the_manifest_check(exported, tmp_path):
     _, weights, entry = exported
@@ -147,6 +151,7 @@ def test_a_damaged_or_misdescribed_file_fails_the_manifest_check(exported, tmp_p
         verify_manifest(copy)
 
 
+@pytest.mark.e2e
 @needs_omniglot
 def test_export_and_test_refuse_bad_input_in_one_line(exported, tmp_path):
     run, weights, _ = exported
@@ -167,6 +172,7 @@ def test_export_and_test_refuse_bad_input_in_one_line(exported, tmp_path):
     assert verify_manifest(weights) == ["tiny"]  # nothing was written
 
 
+@pytest.mark.e2e
 @needs_omniglot
 def test_a_run_from_before_val_batch_norm_exports_and_its_file_tests(exported, tmp_path):
     run, _, _ = exported

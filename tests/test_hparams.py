@@ -1,11 +1,7 @@
 """The hparams experiment end to end on real MNIST, tiny; and its hypergradient, checked."""
 
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +9,9 @@ import torch
 import bilevel
 from bilevel.app.experiments import hparams
 from bilevel.app.experiments.config import ConfigError, resolve
+from tests.conftest import DATA, needs_mnist
+from tests.conftest import bilevel_command as bilevel_cli
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("BILEVEL_DATA", ROOT.parent / "shared" / "data"))
 TINY = [
     "--preset",
     "quick",
@@ -26,19 +22,7 @@ TINY = [
 ]
 MODES = ["restart", "real-time", "warm"]
 
-pytestmark = pytest.mark.skipif(
-    not (DATA / "mnist").is_dir(), reason=f"MNIST not found under {DATA} (set BILEVEL_DATA)"
-)
-
-
-def bilevel_cli(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "bilevel", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+pytestmark = needs_mnist
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +33,7 @@ def tiny_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.e2e
 def test_run_writes_config_metrics_summary_and_plots(tiny_run):
     config = json.loads((tiny_run / "config.json").read_text())
     assert config["experiment"] == "hparams" and config["config"]["inner_steps"] == 10
@@ -76,6 +61,7 @@ def test_run_writes_config_metrics_summary_and_plots(tiny_run):
         assert (tiny_run / plot).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.e2e
 def test_diverging_modes_are_reported_not_fatal(tmp_path):
     # lr * weight decay = 1e4: the weights grow 1e4-fold a step and overflow within T steps
     diverge = ["--set", "init_lr=1", "--set", "init_weight_decay=1e4"]
@@ -99,7 +85,7 @@ def test_diverging_modes_are_reported_not_fatal(tmp_path):
         ("real_time_steps=5", "every=10 exceeds real_time_steps=5"),
         ("batch_size=3000", "batch_size=3000 exceeds train=2000"),
         ("init_momentum=1", "init_momentum: Input should be less than 1"),
-        ("learning_rate=1", "learning_rate: unknown key"),
+        ("learning_rate=1", "unknown setting 'learning_rate'"),
     ],
 )
 def test_bad_configuration_names_the_setting(assignment, message):
@@ -107,6 +93,7 @@ def test_bad_configuration_names_the_setting(assignment, message):
         resolve(hparams.HparamsConfig, hparams.PRESETS, "quick", None, [assignment])
 
 
+@pytest.mark.e2e
 def test_bad_configuration_is_one_line_and_exit_code_2(tmp_path):
     result = bilevel_cli("hparams", "--preset", "quick", "--set", "every=0", "--out", tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr

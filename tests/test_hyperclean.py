@@ -1,17 +1,15 @@
 """The hyper-cleaning experiment end to end on real MNIST, small; and the CLI conventions."""
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("BILEVEL_DATA", ROOT.parent / "shared" / "data"))
+from tests.conftest import DATA, needs_mnist, start_bilevel
+from tests.conftest import bilevel_command as bilevel
+
 TINY = [
     "--preset",
     "quick",
@@ -28,18 +26,7 @@ TINY = [
     "--quiet",
 ]
 
-pytestmark = pytest.mark.skipif(
-    not (DATA / "mnist").is_dir(), reason=f"MNIST not found under {DATA} (set BILEVEL_DATA)"
-)
-
-
-def bilevel(*args, timeout=600):
-    return subprocess.run(
-        [sys.executable, "-m", "bilevel", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+pytestmark = [needs_mnist, pytest.mark.e2e]  # every test runs `bilevel` in its own process
 
 
 @pytest.fixture(scope="module")
@@ -78,24 +65,10 @@ def test_same_seed_same_numbers(tiny_run, tmp_path):
 
 
 def test_interrupt_leaves_a_valid_partial_result(tmp_path):
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bilevel",
-            "hyperclean",
-            "--preset",
-            "quick",
-            "--quiet",
-            "--data-dir",
-            str(DATA),
-            "--out",
-            str(tmp_path),
-        ],
+    process = start_bilevel(
+        "hyperclean", "--preset", "quick", "--quiet", "--data-dir", DATA, "--out", tmp_path,
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    )  # fmt: skip
     deadline = time.time() + 120
     while (
         not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").stat().st_size
@@ -114,7 +87,7 @@ def test_interrupt_leaves_a_valid_partial_result(tmp_path):
     "args,message",
     [
         (["--set", "inner_steps=0"], "inner_steps: Input should be greater than 0"),
-        (["--set", "nonsense=1"], "nonsense: unknown key"),
+        (["--set", "nonsense=1"], "unknown setting 'nonsense'"),
         (["--set", "method=newton"], "method: Input should be"),
         (["--set", "corrupted=6000"], "corrupted=6000 exceeds train=5000"),
         (["--preset", "slow"], "Invalid value for '--preset'"),

@@ -121,6 +121,7 @@ def central_differences(f, lam: torch.Tensor, eps=1e-5):
     return out
 
 
+@pytest.mark.e2e
 def test_a_non_convex_inner_problem_matches_finite_differences():
     g = torch.Generator().manual_seed(3)
     X = torch.randn(30, 4, generator=g, dtype=DTYPE)
@@ -195,6 +196,7 @@ def test_a_box_constrained_problem_through_its_projected_gradient_fixed_point(li
     torch.testing.assert_close(grad, reference, rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.e2e
 def test_agrees_with_the_unrolled_methods_at_convergence(ridge):
     steps, lr = 3000, 0.5
     unrolled = bilevel.hypergradient(

@@ -34,6 +34,7 @@ def test_unrolled_methods_match_finite_differences(mlp, kind, method, options):
     assert report.passed(1e-7), str(report)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", ["implicit-cg", "implicit-neumann", "fixed-point"])
 def test_implicit_methods_match_finite_differences_at_convergence(mlp, method):
     """Near a strict minimum, the implicit estimate of grad f matches finite differences of

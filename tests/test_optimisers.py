@@ -296,6 +296,7 @@ FIXED_POINT_DYNAMICS = {
 IMPLICIT = [("implicit-cg", {}), ("implicit-neumann", {"alpha": 0.3}), ("fixed-point", {})]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("kind", FIXED_POINT_DYNAMICS)
 @pytest.mark.parametrize("method,options", IMPLICIT)
 def test_implicit_methods_at_the_fixed_point_of_each_optimiser(kind, method, options):
@@ -376,6 +377,7 @@ class BoxedQuadratic:
         return bilevel.lion(lr, betas=(0.9, 0.9), weight_decay=lambda h: h["log_wd"].exp())
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method,options", [("reverse", {}), *IMPLICIT])
 def test_lion_hypergradient_at_its_fixed_point(method, options):
     box = BoxedQuadratic()

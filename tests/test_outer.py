@@ -9,6 +9,7 @@ from bilevel.constraints import Box, L1Ball
 from .problems import DTYPE, Ridge
 
 
+@pytest.mark.e2e
 def test_hyper_optimizer_descends_the_outer_objective_towards_the_exact_optimum():
     ridge = Ridge()
     gamma = ridge.gamma.detach().clone().requires_grad_(True)

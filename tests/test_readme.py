@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -23,10 +25,12 @@ def run_example(number: int) -> str:
     return run.stdout
 
 
+@pytest.mark.e2e
 def test_readme_example_runs():
     assert "relative error" in run_example(0)
 
 
+@pytest.mark.e2e
 def test_readme_solver_example_agrees_with_finite_differences():
     implicit, numeric = map(float, re.findall(r"[-+]?\d\.\d+e[-+]\d+", run_example(1)))
     assert abs(implicit) > 1e-4

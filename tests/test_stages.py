@@ -9,17 +9,14 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from bilevel.app import checkpoints, distributed
+from bilevel.app import checkpoints
+from tests.conftest import DATA, in_process, needs, start_bilevel, start_torchrun
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("BILEVEL_DATA", ROOT.parent / "shared" / "data"))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TIMES = {"seconds", "elapsed", "cpu", "seconds_per_iteration", "cpu_seconds", "wall_seconds"}
 
 RUNS = {
@@ -38,12 +35,6 @@ def command(experiment: str, out: Path, *extra) -> list[str]:
     return [experiment, *settings, "--data-dir", str(DATA), "--out", str(out), *map(str, extra)]
 
 
-def start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "bilevel", *args], stderr=subprocess.PIPE, text=True, env=ENV
-    )
-
-
 def untimed(value):
     if isinstance(value, dict):
         return {k: untimed(v) for k, v in value.items() if k not in TIMES}
@@ -58,11 +49,9 @@ def outcome(out: Path) -> tuple[list, dict]:
     return untimed(lines), untimed(json.loads((out / "summary.json").read_text()))
 
 
-def needs(experiment: str):
-    return pytest.mark.skipif(
-        not (DATA / NEEDS[experiment]).is_dir(),
-        reason=f"{NEEDS[experiment]} not found under {DATA} (set BILEVEL_DATA)",
-    )
+def needs_data(experiment: str) -> list[pytest.MarkDecorator]:
+    """Skip without the experiment's data set; an end-to-end test (processes killed, resumed)."""
+    return [needs(NEEDS[experiment]), pytest.mark.e2e]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +61,7 @@ def uninterrupted(tmp_path_factory):
     def get(experiment: str):
         if experiment not in done:
             out = tmp_path_factory.mktemp(experiment) / "uninterrupted"
-            process = start(command(experiment, out))
+            process = start_bilevel(*command(experiment, out))
             _, stderr = process.communicate(timeout=600)
             assert process.returncode == 0, stderr
             done[experiment] = outcome(out)
@@ -93,7 +82,7 @@ def wait_for(path: Path, process: subprocess.Popen, after: int = 0, seconds: flo
         time.sleep(0.01)
 
 
-@pytest.mark.parametrize("experiment", [pytest.param(e, marks=needs(e)) for e in RUNS])
+@pytest.mark.parametrize("experiment", [pytest.param(e, marks=needs_data(e)) for e in RUNS])
 def test_killed_at_random_moments_and_resumed_gives_the_uninterrupted_numbers(
     experiment, uninterrupted, tmp_path
 ):
@@ -102,7 +91,7 @@ def test_killed_at_random_moments_and_resumed_gives_the_uninterrupted_numbers(
     for attempt in range(3):  # killed twice after a checkpoint, at a random moment; then left
         resume = ["--resume"] if (out / "checkpoint.pt").is_file() else []
         before = written_at(out / "checkpoint.pt")
-        process = start(command(experiment, out, *resume))
+        process = start_bilevel(*command(experiment, out, *resume))
         if attempt == 2:
             break
         wait_for(out / "checkpoint.pt", process, after=before)  # this attempt's own checkpoint
@@ -119,17 +108,13 @@ def test_killed_at_random_moments_and_resumed_gives_the_uninterrupted_numbers(
     assert outcome(out) == uninterrupted(experiment), seed
 
 
-@needs("hyperclean")
+@pytest.mark.e2e
+@needs(NEEDS["hyperclean"])
 def test_torchrun_deals_the_stages_to_two_processes_and_restarts_them_after_a_kill(
     uninterrupted, tmp_path
 ):
     out = tmp_path / "two"
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
-         f"--master_port={distributed.free_port()}", "-m", "bilevel",
-         *command("hyperclean", out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-    )  # fmt: skip
+    agent = start_torchrun(*command("hyperclean", out), processes=2, restarts=1)
     try:
         wait_for(out / "checkpoint.pt", agent)  # the baselines' round is done
         workers = Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text().split()
@@ -144,28 +129,30 @@ def test_torchrun_deals_the_stages_to_two_processes_and_restarts_them_after_a_ki
     assert outcome(out) == uninterrupted("hyperclean")
 
 
-@needs("hyperclean")
+@pytest.mark.e2e
+@needs(NEEDS["hyperclean"])
 def test_resuming_from_another_configuration_or_without_a_checkpoint_is_one_clear_line(tmp_path):
     out = tmp_path / "run"
-    process = start(command("hyperclean", out, "--resume"))
+    process = start_bilevel(*command("hyperclean", out, "--resume"))
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 1
     assert stderr.strip() == f"Error: --resume: no checkpoint.pt in {out}"
-    process = start([*command("hyperclean", out), "--set", "hyper_iterations=3"])
+    process = start_bilevel(*command("hyperclean", out), "--set", "hyper_iterations=3")
     assert process.wait(timeout=300) == 0
-    process = start(command("hyperclean", out, "--resume"))
+    process = start_bilevel(*command("hyperclean", out, "--resume"))
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 1 and len(stderr.strip().splitlines()) == 1, stderr
     assert "another configuration: hyper_iterations=3 there, 16 here" in stderr
 
 
-@needs("hyperclean")
+@pytest.mark.e2e
+@needs(NEEDS["hyperclean"])
 def test_a_diverging_stage_stops_with_one_line_and_keeps_the_finished_stages(tmp_path):
     # an inner learning rate of 1e5 leaves the unrolled stages finite (and useless) but makes
     # the implicit hypergradient infinite
     out = tmp_path / "diverging"
     settings = ["--set", "inner_lr=1e5", "--set", "compare_methods=[reverse,implicit-cg]"]
-    process = start([*command("hyperclean", out), *settings])
+    process = start_bilevel(*command("hyperclean", out), *settings)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 1 and len(stderr.strip().splitlines()) == 1, stderr
     assert "compare implicit-cg: the hypergradient of 'weights' is NaN or infinite" in stderr
@@ -174,7 +161,7 @@ def test_a_diverging_stage_stops_with_one_line_and_keeps_the_finished_stages(tmp
     state = checkpoints.load(out / "checkpoint.pt")
     assert list(state["finished"]) == ["baselines", "R=300", "R=500", "compare reverse"]
     before = (out / "checkpoint.pt").read_bytes()
-    process = start([*command("hyperclean", out, "--resume"), *settings])
+    process = start_bilevel(*command("hyperclean", out, "--resume"), *settings)
     _, again = process.communicate(timeout=300)
     assert process.returncode == 1 and again == stderr  # the same stop; the checkpoint kept
     assert (out / "checkpoint.pt").read_bytes() == before
@@ -182,9 +169,5 @@ def test_a_diverging_stage_stops_with_one_line_and_keeps_the_finished_stages(tmp
 
 @pytest.mark.parametrize("experiment", sorted(RUNS))
 def test_resume_without_an_output_directory_is_a_usage_error(experiment):
-    from click.testing import CliRunner
-
-    from bilevel.app.cli import main
-
-    result = CliRunner().invoke(main, [experiment, "--preset", "quick", "--resume"])
+    result = in_process(experiment, "--preset", "quick", "--resume")
     assert result.exit_code == 2 and "--resume needs --out" in result.output

@@ -95,6 +95,7 @@ CONVERGENCE = {
 }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", SOLVER_NAMES)
 def test_every_solver_converges_to_the_minimiser_of_the_value_function(problem, name):
     settings, iterations, tolerance = CONVERGENCE[name]
@@ -113,6 +114,7 @@ def test_every_solver_converges_to_the_minimiser_of_the_value_function(problem, 
     assert last["suboptimality"] >= 0 and last["iteration"] == iterations
 
 
+@pytest.mark.e2e
 def test_saba_beats_soba_at_equal_samples(problem):
     """The variance-reduced SABA against SOBA with the same steps and batches, and against SOBA
     with its decreasing steps, after the same number of samples (SABA's count includes its
@@ -230,6 +232,7 @@ def solver_at(problem, name, x, z, v, draws_before=0, **settings):
     return solver, state
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", SOLVER_NAMES)
 def test_the_direction_at_the_solution_is_the_hypergradient_in_expectation(problem, name):
     """At (x, z*(x), v*(x)) with x away from x*, every solver's x-direction averages to grad h(x)
@@ -268,6 +271,7 @@ def test_with_full_batches_a_step_is_the_expected_recursion_exactly(problem, nam
             torch.testing.assert_close(drawn, expected[key], rtol=1e-11, atol=1e-12)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", ["soba", "ma-soba", "saba"])
 def test_single_loop_directions_anywhere_are_the_full_batch_ones_in_expectation(problem, name):
     """At an arbitrary (x, z, v), the three directions average to the full-batch D_z, D_v, D_x,

@@ -285,6 +285,7 @@ CONVERGENCE = {
 }  # measured: unrolled 2.9e-7 and 1.0-3.2%, implicit 2.3e-11 and 0.5-2.5%
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case", list(CONVERGENCE))
 def test_every_solver_converges_to_the_minimiser_of_the_value_function(problem, case):
     name, settings, iterations, tolerance = CONVERGENCE[case]

@@ -150,6 +150,7 @@ CONVERGENCE = {
 }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", NEW)
 def test_every_solver_converges_to_the_minimiser_of_the_value_function(problem, name):
     settings, iterations, tolerance = CONVERGENCE[name]
@@ -172,6 +173,7 @@ def geometric_mean(values):
 SEEDS = {"soba": 3, "mrbo": 3, "sustain": 3, "vrbo": 1, "srba": 1}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", list(VARIANCE_REDUCED))
 def test_variance_reduction_beats_soba_at_equal_samples(name):
     """Suboptimality h(x) - h* after BUDGET samples (geometric means over solver seeds 0-2 for
@@ -252,6 +254,7 @@ def moved(solver, state):
     }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", NEW)
 def test_a_fresh_x_direction_at_the_solution_averages_to_the_hypergradient(problem, name):
     """At (x, z*(x), v*(x)), x away from x*, the first step's x-direction (no memory yet: plain
@@ -274,6 +277,7 @@ def test_a_fresh_x_direction_at_the_solution_averages_to_the_hypergradient(probl
     assert_mean(draws, expected)
 
 
+@pytest.mark.e2e
 def test_recursive_momentum_carries_the_last_error_shrunk_by_one_minus_the_weight(problem):
     """MRBO and SUSTAIN with memories of another point: the mean of each new direction is the
     mean estimate at (x, z) plus (1 - a) times the stored direction's error at the previous
@@ -337,6 +341,7 @@ def test_srba_corrections_keep_the_error_of_its_directions_in_expectation(proble
         assert_mean(draws[key], d + new - old)
 
 
+@pytest.mark.e2e
 def test_vrbo_corrections_keep_the_error_of_its_estimates_in_expectation(problem):
     """VRBO between refreshes, with stored estimates (u, w) of errors (e_u, e_w) at (x, z): x
     moves along w exactly; after the iteration's corrections (x's move, then z's), the errors

@@ -57,7 +57,6 @@ class Dynamics:
     init: Callable[[Params], State] = field(repr=False)
     step: Callable[..., tuple[Params, State]] = field(repr=False)
     lr: Setting = 0.0
-    slots: tuple[str, ...] = ()
     regularize: Callable[[Params, Params, Mapping[str, Tensor]], Params] = field(
         default=lambda params, grads, hparams: grads, repr=False
     )
@@ -182,7 +181,7 @@ def sgd(
             rate = resolve(lr, hparams, "lr", params.keys())
             return {k: _add_scaled(w, rate(k), grads[k], -1.0) for k, w in params.items()}, state
 
-        return Dynamics("sgd", lambda params: (), step, lr, (), regularize)
+        return Dynamics("sgd", lambda params: (), step, lr, regularize)
 
     def step_momentum(params, state, grads, hparams, t):
         grads = regularize(params, grads, hparams)
@@ -199,7 +198,7 @@ def sgd(
 
     name = "nesterov" if nesterov else "momentum"
     init = lambda params: (_zeros_like(params),)  # noqa: E731
-    return Dynamics(name, init, step_momentum, lr, ("velocity",), regularize)
+    return Dynamics(name, init, step_momentum, lr, regularize)
 
 
 def nesterov(lr: Setting, momentum: Setting, weight_decay: Setting = 0.0) -> Dynamics:
@@ -289,8 +288,7 @@ def _adam_dynamics(name, lr, betas, eps, regularize, decay, stationary=None) -> 
 
         return _map_parameters(update, params, grads, state)
 
-    slots = ("first_moment", "second_moment")
-    return Dynamics(name, _zero_slots(2), step, lr, slots, regularize, stationary)
+    return Dynamics(name, _zero_slots(2), step, lr, regularize, stationary)
 
 
 def adam(
@@ -451,7 +449,7 @@ def rmsprop(
 
         return _map_parameters(update, params, grads, state)
 
-    return Dynamics("rmsprop", _zero_slots(len(slots)), step, lr, slots, regularize)
+    return Dynamics("rmsprop", _zero_slots(len(slots)), step, lr, regularize)
 
 
 def adagrad(
@@ -503,7 +501,7 @@ def adagrad(
 
         return _map_parameters(update, params, grads, state)
 
-    return Dynamics("adagrad", _zero_slots(1), step, lr, ("sum_of_squares",), regularize)
+    return Dynamics("adagrad", _zero_slots(1), step, lr, regularize)
 
 
 def lion(
@@ -560,7 +558,7 @@ def lion(
         return _map_parameters(update, params, grads, state)
 
     stationary = _lion_stationarity(weight_decay)
-    return Dynamics("lion", _zero_slots(1), step, lr, ("momentum",), stationary=stationary)
+    return Dynamics("lion", _zero_slots(1), step, lr, stationary=stationary)
 
 
 def _lion_stationarity(weight_decay: Setting):

@@ -55,24 +55,6 @@ def same_kind(params: Mapping[str, Tensor], hparams: Mapping[str, Tensor]) -> No
             )
 
 
-def same_structure(
-    name: str, value: Mapping[str, Tensor], reference: Mapping[str, Tensor], reference_name: str
-) -> None:
-    """`value` has exactly the keys and shapes of `reference`."""
-    if set(value) != set(reference):
-        missing, extra = set(reference) - set(value), set(value) - set(reference)
-        raise KeyError(
-            f"{name} must have the keys of {reference_name}: missing {sorted(missing)}, "
-            f"unexpected {sorted(extra)}"
-        )
-    for key, tensor in value.items():
-        if tensor.shape != reference[key].shape:
-            raise ValueError(
-                f"{name}[{key!r}] has shape {tuple(tensor.shape)} but {reference_name}[{key!r}] "
-                f"has shape {tuple(reference[key].shape)}"
-            )
-
-
 def positive_int(name: str, value) -> int:
     """An integer >= 1 (numpy integers too; bools and floats are refused)."""
     if isinstance(value, bool):

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tests.conftest import DATA
 
 from bilevel.app.data import miniimagenet
 from bilevel.app.data.miniimagenet import load_miniimagenet, miniimagenet_dir, miniimagenet_split
@@ -23,10 +24,8 @@ PER_CLASS = 8
 
 
 def _source_dir() -> Path:
-    """The shared copy: $BILEVEL_DATA if set, else ../shared/data beside the repository."""
-    env = os.environ.get("BILEVEL_DATA")
-    root = Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data"
-    directory = miniimagenet_dir(root)
+    """The shared copy (tests.conftest.DATA)."""
+    directory = miniimagenet_dir(DATA)
     if not (directory / "train").is_dir() or not (directory / "splits" / "ravi").is_dir():
         pytest.skip(f"mini-ImageNet not found in {directory}")
     return directory

@@ -2,7 +2,6 @@
 
 import functools
 import gzip
-import os
 import shutil
 import socket
 import struct
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.conftest import DATA
 
 from bilevel.app.data import mnist
 from bilevel.app.data.mnist import (
@@ -30,10 +30,8 @@ NAMES = [name for pair in FILES.values() for name, _ in pair]
 
 
 def _source_dir() -> Path:
-    """The shared copy of MNIST: $BILEVEL_DATA if set, else ../shared/data/mnist beside the repo."""
-    env = os.environ.get("BILEVEL_DATA")
-    root = Path(env) if env else Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
-    directory = mnist_dir(root)
+    """The shared copy of MNIST (under tests.conftest.DATA)."""
+    directory = mnist_dir(DATA)
     if not all((directory / name).is_file() for name in NAMES):
         pytest.skip(f"MNIST files not found in {directory}")
     return directory

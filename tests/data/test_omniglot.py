@@ -5,7 +5,6 @@ The cache is built once for this module in a temporary directory (a few seconds)
 
 import hashlib
 import io
-import os
 import shutil
 import time
 import zipfile
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tests.conftest import DATA
 
 from bilevel.app.data import omniglot
 from bilevel.app.data.omniglot import (
@@ -30,10 +30,8 @@ ZIPS = [f"{BACKGROUND}.zip", f"{EVALUATION}.zip"]
 
 
 def _source_dir() -> Path:
-    """The shared Omniglot: $BILEVEL_DATA if set, else ../shared/data beside the repository."""
-    env = os.environ.get("BILEVEL_DATA")
-    root = Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data"
-    directory = omniglot_dir(root)
+    """The shared Omniglot (under tests.conftest.DATA)."""
+    directory = omniglot_dir(DATA)
     if not all((directory / name).is_file() for name in ZIPS):
         pytest.skip(f"Omniglot zips not found in {directory}")
     return directory
@@ -50,7 +48,7 @@ def cache_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def data(source, cache_dir):
+def data(source, cache_dir):  # decodes all 32,460 drawings: the tests that use it are e2e
     return load_omniglot(source, download=False, cache_dir=cache_dir)
 
 
@@ -73,6 +71,7 @@ def _png(size: int) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.e2e
 def test_contents(data):
     assert data.images.shape == (1623, 20, 28, 28) and data.images.dtype == np.uint8
     assert isinstance(data.images, np.memmap)
@@ -85,6 +84,7 @@ def test_contents(data):
     assert (data.images == 0).mean() > 0.7 and data.images.max() == 255
 
 
+@pytest.mark.e2e
 def test_pixels_are_pillow_lanczos_inverted(data, source):
     zips = {name: zipfile.ZipFile(source / f"{name}.zip") for name in (BACKGROUND, EVALUATION)}
     for char_id, drawer in [(1, 1), (709, 3), (964, 20), (965, 1), (1200, 11), (1623, 7)]:
@@ -105,6 +105,7 @@ def test_nearest_is_what_maml_resize_images_made(source):
     assert set(np.unique(ours)) <= {0, 255}
 
 
+@pytest.mark.e2e
 def test_second_load_reads_the_cache(data, source, cache_dir, monkeypatch):
     monkeypatch.setattr(omniglot, "_build_cache", lambda *a: pytest.fail("cache rebuilt"))
     start = time.perf_counter()
@@ -115,6 +116,7 @@ def test_second_load_reads_the_cache(data, source, cache_dir, monkeypatch):
     assert data.cache_path.with_suffix(".json").is_file()
 
 
+@pytest.mark.e2e
 def test_damaged_cache_is_rebuilt(data, source, tmp_path, monkeypatch):
     for suffix in (".npy", ".json"):
         shutil.copy(data.cache_path.with_suffix(suffix), tmp_path)
@@ -197,6 +199,7 @@ def test_download_is_pinned_to_the_canonical_zip(source, tmp_path, monkeypatch):
     assert path == tmp_path / ZIPS[0] and path.stat().st_size == (source / ZIPS[0]).stat().st_size
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("part, n", [("train", 1200), ("val", 100), ("test", 323)])
 def test_paper_split_sizes(data, part, n):
     classes = omniglot_split(data, "paper", part, seed=0)
@@ -206,6 +209,7 @@ def test_paper_split_sizes(data, part, n):
     assert classes.examples_per_class == 20 and classes.image_shape == (1, 28, 28)
 
 
+@pytest.mark.e2e
 def test_paper_split_is_a_seeded_partition(data):
     def chars(seed, part):
         return set(omniglot_split(data, "paper", part, seed=seed).base.tolist())
@@ -216,6 +220,7 @@ def test_paper_split_is_a_seeded_partition(data):
     assert chars(1, "val") != chars(0, "val")
 
 
+@pytest.mark.e2e
 def test_vinyals_split_follows_the_files(data, source):
     parts = {}
     for part, n in [("train", 1028), ("val", 172), ("test", 423)]:
@@ -228,11 +233,13 @@ def test_vinyals_split_follows_the_files(data, source):
     assert not parts["train"] & parts["test"]
 
 
+@pytest.mark.e2e
 def test_vinyals_split_file_missing_without_download(data, tmp_path):
     with pytest.raises(DataError, match="downloading is disabled"):
         omniglot_split(replace(data, directory=tmp_path), "vinyals", "test", download=False)
 
 
+@pytest.mark.e2e
 def test_rotated_class_images(data):
     classes = omniglot_split(data, "paper", "test")
     i = int(np.flatnonzero(classes.rotation == 1)[0])
@@ -240,6 +247,7 @@ def test_rotated_class_images(data):
     assert np.array_equal(classes.class_images(i), np.rot90(base, 1, axes=(1, 2)))
 
 
+@pytest.mark.e2e
 def test_bad_arguments(data, source):
     with pytest.raises(ValueError, match="split"):
         omniglot_split(data, "lake", "train")

@@ -24,6 +24,8 @@ from .files import atomic_write
 
 __all__ = [
     "AUTO_RESUME",
+    "BEST",
+    "CHECKPOINT",
     "CheckpointError",
     "auto_resume",
     "config_hash",
@@ -33,6 +35,8 @@ __all__ = [
 ]
 
 MAGIC = b"bilevel-checkpoint v1\n"
+CHECKPOINT = "checkpoint.pt"  # what a run continues from
+BEST = "best.pt"  # the network of a run's best validation, which a test reads
 AUTO_RESUME = "BILEVEL_RESUME"  # =auto: a run resumes from its output directory's checkpoint
 
 

@@ -88,6 +88,14 @@ class Group:
             raise RuntimeError("fill: every entry must be computed by exactly one rank")
         return summed.to(values.device)
 
+    def any(self, flag: bool) -> bool:
+        """Whether any rank's ``flag`` is set (a collective: every rank calls it)."""
+        if self.size == 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
     def first_message(self, mine: str | None) -> str:
         """The first message any rank holds, "" if none (a collective: every rank calls it)."""
         if self.size == 1:

@@ -6,34 +6,35 @@ interrupted run (Ctrl-C) still leaves a valid summary.json whose status says so.
 
 Under torchrun only rank 0 writes: the Run of every other rank is silent and writes nothing
 (its methods do nothing, its log goes nowhere), so N processes never write the same files.
+
+The console log goes through tqdm, so a log line never breaks into a progress bar; the final
+status line goes to run.log only (the command line prints it once). With ``tensorboard=True``
+every metrics line is also written as TensorBoard scalars under ``tensorboard/`` (the optional
+``tensorboard`` extra).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
+import math
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .files import atomic_write, remove_partial_writes, write_atomic
+from .checkpoints import BEST, CHECKPOINT
+from .distributed import env_rank
+from .files import atomic_write, write_atomic
 
-__all__ = [
-    "Run",
-    "atomic_write",
-    "clear_run",
-    "previous_run",
-    "remove_partial_writes",
-    "save_figure",
-    "to_json",
-]
+__all__ = ["Run", "Scalars", "atomic_write", "clear_run", "previous_run", "save_figure", "to_json"]
 
 RESULTS = ("config.json", "metrics.jsonl", "summary.json", "run.log")  # every run writes these
-CHECKPOINTS = ("checkpoint.pt", "best.pt")  # what a run continues from, or is tested from
+CHECKPOINTS = (CHECKPOINT, BEST)  # what a run continues from, or is tested from
+TENSORBOARD = "tensorboard"  # the directory of a run's TensorBoard event files
 
 
 def save_figure(figure, path: Path) -> Path:
@@ -66,13 +67,30 @@ def _jsonable(value):
 
 
 class Run:
-    """The output directory of one experiment run."""
+    """The output directory of one experiment run.
 
-    def __init__(self, out: Path, config: dict, *, quiet: bool = False):
+    Args:
+        out: the directory (created).
+        config: the resolved configuration, written to config.json.
+        quiet: no progress bar and no log on the console.
+        writes: whether this process writes (default: rank 0 of torchrun's environment).
+        tensorboard: also write every metrics line as TensorBoard scalars.
+    """
+
+    def __init__(
+        self,
+        out: Path,
+        config: dict,
+        *,
+        quiet: bool = False,
+        writes: bool | None = None,
+        tensorboard: bool = False,
+    ):
         self.out = Path(out)
         self.started = time.time()
         self.summary: dict = {"status": "running"}
-        self.writes = _rank() == 0
+        self.writes = env_rank() == 0 if writes is None else writes
+        self._scalars = None
         if not self.writes:  # another rank of a torchrun job: rank 0 writes
             self.quiet, self._metrics = True, None
             self.log = _silent_logger()
@@ -80,16 +98,21 @@ class Run:
         _check_writable(self.out)
         self.quiet = quiet
         self._metrics = open(self.out / "metrics.jsonl", "w", encoding="utf-8")  # noqa: SIM115
+        if tensorboard:  # rewritten from the lines, as metrics.jsonl is
+            self._scalars = Scalars(self.out / TENSORBOARD)
         self.log = _file_logger(self.out / "run.log", quiet)
         self.log.info("start: %s", config.get("experiment", "run"))
         atomic_write(self.out / "config.json", to_json(config))
 
     def metrics(self, **values) -> None:
-        """Append one line to metrics.jsonl (one write call per line, flushed)."""
+        """Append one line to metrics.jsonl (one write call per line, flushed), and its numbers
+        to TensorBoard when enabled."""
         if not self.writes:
             return
         self._metrics.write(json.dumps(values, default=_jsonable) + "\n")
         self._metrics.flush()
+        if self._scalars is not None:
+            self._scalars.add(values)
 
     def update(self, **values) -> None:
         """Record final numbers as they become known, so an interruption keeps them."""
@@ -129,7 +152,13 @@ class Run:
         """A live progress bar on a terminal; silent in logs, CI and pipes."""
         disable = self.quiet or not sys.stderr.isatty()
         return tqdm(
-            iterable, total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True
+            iterable,
+            total=total,
+            desc=desc,
+            disable=disable,
+            leave=False,
+            dynamic_ncols=True,
+            file=sys.stderr,
         )
 
     def finish(self, status: str, error: str | None = None) -> None:
@@ -141,8 +170,11 @@ class Run:
         if not self.writes:
             return
         self._metrics.close()
+        if self._scalars is not None:
+            self._scalars.close()
         why = "" if error is None else f"{error}; "
-        self.log.info("%s: %sresults in %s", status, why, self.out)
+        # run.log only: the command line prints the outcome once, --quiet or not
+        self.log.info("%s: %sresults in %s", status, why, self.out, extra={FILE_ONLY: True})
         for handler in list(self.log.handlers):
             handler.close()
             self.log.removeHandler(handler)
@@ -162,10 +194,12 @@ def previous_run(out: Path) -> str | None:
 
 
 def clear_run(out: Path) -> None:
-    """Delete the files of an earlier run in ``out`` (its results, log and checkpoints), so that
-    a new run neither mixes with it nor resumes it; other files are left alone."""
+    """Delete the files of an earlier run in ``out`` (its results, log, checkpoints and
+    TensorBoard events), so that a new run neither mixes with it nor resumes it; other files are
+    left alone."""
     for name in (*RESULTS, *CHECKPOINTS):
         (Path(out) / name).unlink(missing_ok=True)
+    _remove_events(Path(out) / TENSORBOARD)
 
 
 def _status(out: Path) -> str:
@@ -175,13 +209,6 @@ def _status(out: Path) -> str:
     except (OSError, ValueError, KeyError, TypeError):
         return "unfinished"
     return status if isinstance(status, str) and status else "unfinished"
-
-
-def _rank() -> int:
-    """This process's rank under torchrun (0 otherwise), read from the environment."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
-        return 0
-    return int(os.environ.get("RANK", "0") or 0)
 
 
 def _silent_logger() -> logging.Logger:
@@ -202,6 +229,22 @@ def _check_writable(out: Path) -> None:
         raise PermissionError(f"--out {out}: cannot write there ({error.strerror})") from error
 
 
+FILE_ONLY = "file_only"  # a record with this attribute set goes to run.log, not the console
+
+
+class _Console(logging.Handler):
+    """The console: each record written through tqdm, which lifts a progress bar off its line
+    and redraws it below, so a log line never lands in the middle of a bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, FILE_ONLY, False):
+            return
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001  (logging's own policy: report, never raise)
+            self.handleError(record)
+
+
 def _file_logger(path: Path, quiet: bool) -> logging.Logger:
     logger = logging.getLogger(f"bilevel.run.{path.parent}")
     logger.setLevel(logging.INFO)
@@ -212,7 +255,42 @@ def _file_logger(path: Path, quiet: bool) -> logging.Logger:
     file_handler.setFormatter(formatter)
     logger.addHandler(file_handler)
     if not quiet:
-        console = logging.StreamHandler(sys.stderr)
+        console = _Console()
         console.setFormatter(formatter)
         logger.addHandler(console)
     return logger
+
+
+class Scalars:
+    """TensorBoard scalars of a run's metrics lines (rank 0; the ``tensorboard`` extra).
+
+    A line's text values name its series (``{"run": "R=300", "outer_loss": 0.3}`` gives the tag
+    ``R=300/outer_loss``), its numbers are the scalars, and its ``iteration`` is the step (else
+    the line's place in its series). Event files of an earlier start are deleted first: the run
+    writes every line again, as it rewrites metrics.jsonl when it resumes.
+    """
+
+    def __init__(self, directory: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        _remove_events(directory)
+        self.writer = SummaryWriter(str(directory))
+        self.counts: Counter = Counter()
+
+    def add(self, line: dict) -> None:
+        series = "/".join(v for v in line.values() if isinstance(v, str))
+        self.counts[series] += 1
+        step = line.get("iteration", self.counts[series])
+        for key, value in line.items():
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if number and key != "iteration" and math.isfinite(value):
+                self.writer.add_scalar(f"{series}/{key}" if series else key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _remove_events(directory: Path) -> None:
+    for events in directory.glob("events.out.tfevents.*"):
+        events.unlink(missing_ok=True)

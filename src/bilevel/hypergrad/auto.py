@@ -303,7 +303,7 @@ def step_graph_bytes(problem: InnerProblem, z0: Flat, lam: Mapping[str, Tensor])
 def objective_graph_bytes(problem: InnerProblem, z0: Flat, lam: Mapping[str, Tensor]) -> int:
     """a: the bytes one step keeps under memory="activations" (its objective's graph), with
     SAVED_TENSOR_OVERHEAD per saved tensor, from two steps taken as that policy takes them."""
-    store = ActivationStore()
+    store = ActivationStore(2)
     z1 = problem.step_keeping(leaves(z0), lam, 1, store)[0]
     problem.step_keeping(z1, lam, 1, store)
     return store.bytes_per_step() + len(store.saved[1]) * SAVED_TENSOR_OVERHEAD

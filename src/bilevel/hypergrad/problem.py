@@ -134,7 +134,7 @@ class InnerProblem:
     def step_keeping(self, z: Sequence[Tensor], hparams, t: int, kept) -> tuple[Flat, Tensor]:
         """Phi_t without the graph of its update, keeping the graph of L (its activations):
         appends (t, z as leaves, L) to `kept` (reverse.ActivationStore) for `step_kept`."""
-        z = leaves(z)
+        z = kept.place(z)  # as leaves
         params, state = self.unpack(z)
         with kept.watching():
             loss, grads = self.gradients(params, hparams, t, create_graph=False, retain_graph=True)
@@ -276,6 +276,9 @@ class SavedTensors:
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def tensors(self) -> list[Tensor]:
+        return [record.tensor for record in list(self.records)]
 
     def storages(self) -> dict:
         """{storage: bytes} of the recorded tensors: views of one storage count once."""

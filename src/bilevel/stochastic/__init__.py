@@ -17,6 +17,7 @@ from .bome import BOME
 from .f2sa import F2SA
 from .fsla import FSLA
 from .implicit import Implicit
+from .learning import DataCleaning, LogisticRegularisation, SoftmaxRegularisation
 from .momentum import MRBO, SUSTAIN
 from .problem import Sampler, StochasticProblem
 from .problems import QuadraticProblem
@@ -75,10 +76,13 @@ def make(name: str, problem: StochasticProblem, **settings) -> StochasticSolver:
 __all__ = [
     "SOLVERS",
     "AmIGO",
+    "DataCleaning",
     "DivergenceError",
+    "LogisticRegularisation",
     "MASOBA",
     "QuadraticProblem",
     "SABA",
+    "SoftmaxRegularisation",
     "SOBA",
     "Sampler",
     "StocBiO",

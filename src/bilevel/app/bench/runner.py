@@ -17,7 +17,6 @@ from . import workloads
 from .child import PREFIX
 from .common import LOWER_BOUND, missing_peer, reference_path
 
-QUICK_WORKLOADS = ("w1", "w2", "w2-share", "w3", "w4")
 TIMEOUT_S = {"quick": 600, "full": 3600}
 
 

@@ -15,8 +15,6 @@ import bilevel
 
 from .common import LOWER_BOUND, Impl, classification_data
 
-NAME = "w1"
-TITLE = "W1 data hyper-cleaning: 5000x784, linear softmax, T steps of GD (lr 0.1)"
 N, N_VAL, DIM, CLASSES, LR = 5000, 5000, 784, 10, 0.1
 POLICIES = ("graph", "activations", "trajectory", "checkpoint")
 SAVING = ("trajectory", "checkpoint")  # the only policies that fit T = 10,000 (graph: ~10 GB)

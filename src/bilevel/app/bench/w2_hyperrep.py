@@ -18,7 +18,6 @@ import bilevel
 
 from .common import LOWER_BOUND, Impl, flat
 
-NAME = "w2"
 WAYS, SHOTS, QUERIES, EPISODES, STEPS, LR = 5, 1, 15, 16, 5, 0.1
 SUPPORT, QUERY, FEATURES = WAYS * SHOTS, WAYS * QUERIES, 256
 POLICIES = ("graph", "trajectory", "checkpoint")

@@ -11,7 +11,6 @@ from torch import Tensor
 from . import w2_hyperrep as w2
 from .common import LOWER_BOUND, Impl, flat
 
-NAME = "w2-share"
 sizes, warmup_size = w2.sizes, w2.warmup_size
 
 

@@ -21,7 +21,6 @@ import bilevel
 
 from .common import LOWER_BOUND, Impl, classification_data
 
-NAME = "w3"
 N, N_VAL, BATCH, HIDDEN = 5000, 5000, 100, 300
 LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 1e-3
 GRAPH_MAX_T = 200  # a kept graph is ~4 MB per step here: 8 GB at T = 2000

@@ -18,7 +18,6 @@ import bilevel
 from . import w1_cleaning as w1
 from .common import LOWER_BOUND, Impl
 
-NAME = "w4"
 WEIGHT_DECAY, TOLERANCE, CG_ITERATIONS, ITERATIONS = 0.1, 1e-6, 100, 500
 METHODS = {
     "bilevel:implicit-cg": ("implicit-cg", CG_ITERATIONS),

@@ -1,6 +1,7 @@
 """Data sets and the machinery to find, verify and fetch their files."""
 
 from .episodes import ClassSet, DeviceEpisodeSampler, Episodes, EpisodeSampler
+from .libsvm import load_libsvm, stand_in
 from .miniimagenet import MiniImageNetData, load_miniimagenet, miniimagenet_split
 from .mnist import Split, load_mnist
 from .omniglot import OmniglotData, load_omniglot, omniglot_split
@@ -14,6 +15,7 @@ __all__ = [
     "Episodes",
     "MiniImageNetData",
     "OmniglotData",
+    "load_libsvm",
     "load_miniimagenet",
     "load_omniglot",
     "miniimagenet_split",
@@ -25,4 +27,5 @@ __all__ = [
     "ensure_file",
     "load_mnist",
     "sha256_file",
+    "stand_in",
 ]

@@ -207,7 +207,7 @@ def _fetch(url: str, part: Path, timeout: float, progress: Progress | None) -> N
 
 
 def _attempt(
-    url: str, part: Path, sha256: str, timeout: float, progress: Progress | None
+    url: str, part: Path, sha256: str | None, timeout: float, progress: Progress | None
 ) -> str | None:
     """One try at one mirror: None when ``part`` now holds the verified file, else why not."""
     try:
@@ -215,7 +215,7 @@ def _attempt(
     except (OSError, http.client.HTTPException, DataError) as err:
         return _describe(err)  # the part file stays, to be resumed
     actual = sha256_file(part)
-    if actual == sha256:
+    if sha256 is None or actual == sha256:  # None: the caller records the digest it got
         return None
     part.unlink()  # a wrong file cannot be resumed into a right one
     return f"sha256 mismatch (got {actual})"
@@ -231,13 +231,14 @@ def _describe(err: BaseException) -> str:
 
 def _manual_hint(dest: Path, sha256: str, urls: Sequence[str]) -> str:
     where = urls[0] if urls else dest.name
-    return f"to install it by hand, download {where}, save it as {dest} (expected sha256 {sha256})"
+    expected = f" (expected sha256 {sha256})" if sha256 else ""
+    return f"to install it by hand, download {where}, save it as {dest}{expected}"
 
 
 def download(
     urls: Sequence[str],
     dest: str | os.PathLike,
-    sha256: str,
+    sha256: str | None,
     *,
     progress: Progress | None = None,
     timeout: float = 30.0,
@@ -245,11 +246,12 @@ def download(
     """Download a file from the first mirror that delivers it with the expected sha256.
 
     Bytes go to ``<dest>.part`` and reach ``dest`` only through an atomic rename after the
-    checksum matched, so ``dest`` is never partial. An interrupted transfer leaves the part file
-    to be resumed with an HTTP Range request (from zero if the server ignores ranges); a
-    checksum mismatch deletes it. ``progress(done, total)`` is called after each chunk (``total``
-    is None when the server does not say). Raises :class:`DataError` listing every mirror's
-    failure when none succeeds.
+    checksum matched (``sha256=None``: any complete file, for a caller that records the digest
+    it got because none is published), so ``dest`` is never partial. An interrupted transfer
+    leaves the part file to be resumed with an HTTP Range request (from zero if the server
+    ignores ranges); a checksum mismatch deletes it. ``progress(done, total)`` is called after
+    each chunk (``total`` is None when the server does not say). Raises :class:`DataError`
+    listing every mirror's failure when none succeeds.
     """
     dest = Path(dest)
     if _offline():

@@ -29,8 +29,8 @@ f_T(lambda_T) and the test accuracy of the T-step classifier w_T(lambda_T).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
+from functools import partial
 from itertools import accumulate
 from pathlib import Path
 from typing import Literal
@@ -42,10 +42,13 @@ from torch.nn import functional as F
 
 import bilevel
 
+from .. import plots
 from ..data import load_omniglot
+from ..plots import Curve, Panel
 from . import Experiment, stages
 from .common import accuracy, linear_logits, seed_everything, zero_linear
-from .config import StagedConfig
+from .config import MEMORY_HELP, StagedConfig
+from .stages import HyperSteps
 
 CHARACTERS, DRAWINGS, PIXELS = 1623, 20, 28 * 28
 EXACT = "exact"
@@ -58,24 +61,46 @@ class ConvergenceConfig(StagedConfig):
     train_shots: int = Field(3, gt=0, description="training drawings per class")
     val_shots: int = Field(3, gt=0, description="validation drawings per class")
     test_shots: int = Field(14, gt=0, description="test drawings per class")
-    features: int = Field(64, gt=0, description="d: lambda maps the 784 pixels to d features")
-    radius: float = Field(16.0, gt=0, description="Frobenius ball of lambda (|lambda_0| ~ sqrt d)")
-    l2: float = Field(0.01, gt=0, description="inner L2 coefficient (strong convexity)")
-    inner_lr: float = Field(1.0, gt=0, description="inner gradient-descent step")
+    features: int = Field(
+        64, gt=0, description="features of the learned linear representation of the 784 pixels"
+    )
+    radius: float = Field(
+        16.0,
+        gt=0,
+        description="bound on the size (Frobenius norm) of the representation matrix; it starts "
+        "near the square root of features",
+    )
+    l2: float = Field(
+        0.01, gt=0, description="L2 penalty of the classifier (makes its training converge)"
+    )
+    inner_lr: float = Field(1.0, gt=0, description="learning rate of the classifier's training")
     horizons: list[int] = Field(
-        [1, 5, 10, 50, 100, 500], min_length=1, description="the values of T, one run each"
+        [1, 5, 10, 50, 100, 500],
+        min_length=1,
+        description="numbers of training steps of the classifier to compare: one run each",
     )
-    exact: bool = Field(True, description="also optimise the exact f (implicit hypergradient)")
-    memory: Literal["graph", "trajectory", "checkpoint"] = Field(
-        "graph", description="reverse mode's memory policy (graph: fastest, T=500 fits)"
+    exact: bool = Field(
+        True,
+        description="also run with the classifier trained to convergence (implicit hypergradient)",
     )
-    hyper_lr: float = Field(0.003, gt=0, description="Adam on lambda")
-    hyper_iterations: int = Field(500, gt=0, description="per run (each T, and exact)")
-    exact_tolerance: float = Field(1e-5, gt=0, description="|grad L| at which w is w_lambda")
-    exact_max_steps: int = Field(50000, gt=0, description="inner steps allowed to reach it")
-    cg_iterations: int = Field(200, gt=0, description="of the exact run's implicit solve")
-    cg_tolerance: float = Field(1e-6, gt=0, description="relative residual of the CG solve")
-    dtype: Literal["float32", "float64"] = "float32"
+    memory: Literal["graph", "trajectory", "checkpoint"] = Field("graph", description=MEMORY_HELP)
+    hyper_lr: float = Field(0.003, gt=0, description="learning rate of Adam on the representation")
+    hyper_iterations: int = Field(
+        500, gt=0, description="updates of the representation in each run"
+    )
+    exact_tolerance: float = Field(
+        1e-5, gt=0, description="gradient norm at which the classifier counts as converged"
+    )
+    exact_max_steps: int = Field(
+        50000, gt=0, description="training steps allowed to reach exact_tolerance"
+    )
+    cg_iterations: int = Field(
+        200, gt=0, description="conjugate-gradient iterations of the exact run's hypergradient"
+    )
+    cg_tolerance: float = Field(
+        1e-6, gt=0, description="relative residual at which conjugate gradient stops"
+    )
+    dtype: Literal["float32", "float64"] = Field("float32", description="floating-point precision")
 
     @field_validator("horizons")
     @classmethod
@@ -191,6 +216,7 @@ class ExactInner:
         self.dynamics = bilevel.sgd(lr=lr, momentum=0.9)
         self.tolerance, self.max_steps, self.chunk = tolerance, max_steps, chunk
         self.steps = 0  # inner steps taken by all calls so far
+        self.unread = 0  # of which not yet reported (take())
         self.gradient_norm = float("inf")
 
     def __call__(self, hparams: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -208,8 +234,22 @@ class ExactInner:
                 params = bilevel.solve(self.inner, params, lam, self.dynamics, self.chunk)
             steps += self.chunk
             self.gradient_norm = gradient_norm(self.inner, params, lam)
-        self.last, self.steps = params, self.steps + steps
+        self.last, self.steps, self.unread = params, self.steps + steps, self.unread + steps
         return params
+
+    def take(self) -> int:
+        """The inner steps taken since the last call of take()."""
+        taken, self.unread = self.unread, 0
+        return taken
+
+    def state_dict(self) -> dict:
+        """Where the next solve starts from, and the steps taken so far."""
+        return {"last": self.last, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        device = next(iter(self.last.values())).device
+        self.last = {k: v.to(device) for k, v in state["last"].items()}
+        self.steps, self.unread = state["steps"], 0
 
 
 # --- optimising lambda for one T, or exactly ----------------------------------------------------
@@ -255,33 +295,22 @@ def hyper_optimizer(config, data, representation: Tensor, horizon: int | None):
     return loop, None
 
 
-def optimise(config, data, representation_0: Tensor, horizon: int | None, run, stage) -> tuple:
+def optimise(config, data, representation_0: Tensor, horizon: int | None, stage) -> tuple:
     """`hyper_iterations` steps from lambda_0, continued from the stage's checkpoint if it was
     interrupted; returns (lambda_T, history, seconds of its hyper-iterations)."""
     representation = representation_0.clone().requires_grad_(True)
     loop, solver = hyper_optimizer(config, data, representation, horizon)
-    done, saved = stage.restore(loop)
-    if solver is not None and saved is not None:  # where the exact inner solve continues from
-        device = data["train_x"].device
-        solver.last = {k: v.to(device) for k, v in saved["last"].items()}
-        solver.steps = saved["steps"]
-    bar = run.progress(total=config.hyper_iterations, desc=stage.name)
-    bar.update(done)
-    for iteration in range(done + 1, config.hyper_iterations + 1):
-        steps_before = solver.steps if solver is not None else 0
-        with warnings.catch_warnings():  # an inexact CG solve is recorded in the metrics
-            warnings.simplefilter("ignore", bilevel.SolverWarning)
-            metrics = loop.step()
+    if solver is not None:
+        solver.take()  # each line counts the steps of its own hyper-iteration
+
+    def line(metrics: dict) -> dict:
         if solver is not None:
-            metrics["inner_steps"] = solver.steps - steps_before
+            metrics["inner_steps"] = solver.take()
             metrics["inner_gradient_norm"] = solver.gradient_norm
         norm = float(representation.detach().norm())
-        stage.metrics(run=stage.name, T=horizon, **metrics, representation_norm=norm)
-        extra = None if solver is None else {"last": solver.last, "steps": solver.steps}
-        stage.done(loop, iteration, config.hyper_iterations, extra)
-        bar.update()
-        bar.set_postfix(outer=f"{metrics['outer_loss']:.4f}")
-    bar.close()
+        return {"run": stage.name, "T": horizon, **metrics, "representation_norm": norm}
+
+    stage.loop(HyperSteps(loop, line, extra=solver), config.hyper_iterations)
     seconds = sum(m["seconds"] for m in loop.history)
     return representation.detach(), loop.history, seconds
 
@@ -351,43 +380,27 @@ def table(rows: list[dict]) -> str:
 
 def plot_against_T(run, rows: list[dict], key: str, key_T: str, ylabel: str, name: str) -> None:
     """`key` at each run's lambda_T against T (log axis); the exact run's as a horizontal line."""
-    import matplotlib.pyplot as plt
-
     runs = [r for r in rows if r["T"] is not None]
     horizons = [r["T"] for r in runs]
-    figure, axis = plt.subplots(figsize=(5, 3.5))
-    axis.plot(horizons, [r[key] for r in runs], "o-", label="inner solved exactly at lambda_T")
-    axis.plot(horizons, [r[key_T] for r in runs], "s--", label="T inner steps at lambda_T")
-    for r in rows:
-        if r["T"] is None:
-            axis.axhline(r[key], color="black", linestyle=":", label="lambda of the exact problem")
-    axis.set_xscale("log")
-    axis.set_xlabel("T (inner steps while lambda was optimised)")
-    axis.set_ylabel(ylabel)
-    axis.legend()
-    run.plot(figure, name)
+    curves = [
+        Curve("inner solved exactly at lambda_T", horizons, [r[key] for r in runs], "o-"),
+        Curve("T inner steps at lambda_T", horizons, [r[key_T] for r in runs], "s--"),
+    ]
+    exact = [r[key] for r in rows if r["T"] is None]
+    lines = {"lambda of the exact problem": exact[0]} if exact else {}
+    xlabel = "T (inner steps while lambda was optimised)"
+    panel = Panel(curves, xlabel, ylabel, xscale="log", lines=lines)
+    run.plot(plots.figure([panel]), name)
 
 
 def plot_curves(run, histories: dict[str, list[dict]]) -> None:
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(5, 3.5))
-    for label, history in histories.items():
-        axis.plot([m["outer_loss"] for m in history], label=label)
-    axis.set_xlabel("hyper-iteration")
-    axis.set_ylabel("f_T (exact: f)")
-    axis.legend()
-    run.plot(figure, "outer_loss")
+    run.plot(plots.figure([plots.histories(histories, "f_T (exact: f)")]), "outer_loss")
 
 
-def run_experiment(config: ConvergenceConfig, run, data_dir: Path | None, resume=None) -> None:
-    """Stages: one per horizon T, and the exact problem (bilevel.app.experiments.stages)."""
-    with stages.session("convergence", config, run, resume) as session:
-        _run_stages(session, run, data_dir)
-
-
-def _run_stages(session, run, data_dir) -> None:
-    config = session.config
+def run_experiment(config: ConvergenceConfig, run, data_dir: Path | None) -> None:
+    """Stages: one per horizon T, and the exact problem (bilevel.app.experiments.stages), on
+    the driver ``run``."""
+    session = stages.Stages(run)
     generator = seed_everything(config.seed)
     data = make_data(config, data_dir, generator)
     representation_0 = initial_representation(config, generator)
@@ -408,9 +421,7 @@ def _run_stages(session, run, data_dir) -> None:
 
     def work(label, stage):
         horizon = horizons[label]
-        representation, history, seconds = optimise(
-            config, data, representation_0, horizon, run, stage
-        )
+        representation, history, seconds = optimise(config, data, representation_0, horizon, stage)
         row = {**evaluate(config, data, representation, horizon), "seconds": seconds}
         return {"row": row, "history": history, "representation": representation}
 
@@ -446,4 +457,5 @@ EXPERIMENT = Experiment(
     config=ConvergenceConfig,
     presets=PRESETS,
     run=run_experiment,
+    identity=partial(stages.identity, "convergence"),
 )

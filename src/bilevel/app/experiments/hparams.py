@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -40,10 +41,13 @@ from torch.nn import functional as F
 
 import bilevel
 
+from .. import plots
 from ..data import load_mnist
+from ..plots import Curve, Panel
 from . import Experiment, stages
 from .common import seed_everything
 from .config import StagedConfig
+from .stages import HyperSteps
 
 CLASSES = 10
 FEATURES = 784
@@ -55,27 +59,57 @@ class HparamsConfig(StagedConfig):
     train: int = Field(10000, gt=0, description="training examples (MNIST training set)")
     validation: int = Field(5000, gt=0, description="validation examples (MNIST training set)")
     test: int = Field(10000, gt=0, le=10000, description="test examples (MNIST test set)")
-    hidden: int = Field(300, gt=0, description="hidden units of the MLP 784-hidden-10")
-    batch_size: int = Field(100, gt=0)
-    inner_steps: int = Field(200, gt=0, description="T: SGD steps per training run")
+    hidden: int = Field(300, gt=0, description="hidden units of the network (one hidden layer)")
+    batch_size: int = Field(100, gt=0, description="training examples per SGD step")
+    inner_steps: int = Field(200, gt=0, description="SGD steps per training run")
     init_lr: float = Field(0.01, gt=0, description="starting learning rate")
     init_momentum: float = Field(0.5, gt=0, lt=1, description="starting momentum")
     init_weight_decay: float = Field(1e-4, gt=0, description="starting weight decay")
-    modes: list[Mode] = Field(["restart", "real-time", "warm"], min_length=1)
-    hyper_lr: float = Field(0.2, gt=0, description="Adam on the unconstrained hyperparameters")
-    hyper_iterations: int = Field(40, gt=0, description="of the restart and warm modes")
-    every: int = Field(20, gt=0, description="real time: inner steps between updates")
+    modes: list[Mode] = Field(
+        ["restart", "real-time", "warm"],
+        min_length=1,
+        description="how the hyperparameters are learned. restart: each update trains from the "
+        "start; real-time: updates during one long training run; warm: each training continues "
+        "from the last one's network",
+    )
+    hyper_lr: float = Field(
+        0.2,
+        gt=0,
+        description="learning rate of Adam on the hyperparameters (as the logarithms of lr and "
+        "weight decay and the logit of momentum)",
+    )
+    hyper_iterations: int = Field(
+        40, gt=0, description="hyperparameter updates in the restart and warm modes"
+    )
+    every: int = Field(
+        20, gt=0, description="real-time mode: SGD steps between hyperparameter updates"
+    )
     real_time_steps: int | None = Field(
-        None, gt=0, description="inner steps of the real-time run (default hyper_iterations * T)"
+        None,
+        gt=0,
+        description="SGD steps of the real-time run (none: hyper_iterations * inner_steps)",
     )
     real_time_hyper_lr: float | None = Field(
-        None, gt=0, description="Adam in real time (default hyper_lr * every / T)"
+        None,
+        gt=0,
+        description="learning rate of Adam in the real-time mode (none: hyper_lr * every / "
+        "inner_steps)",
     )
-    random_search: bool = Field(True, description="random search at the modes' wall time")
-    lr_range: tuple[float, float] = Field((1e-3, 1.0), description="log-uniform")
-    momentum_range: tuple[float, float] = Field((0.0, 0.99), description="uniform")
-    weight_decay_range: tuple[float, float] = Field((1e-6, 1e-2), description="log-uniform")
-    curve_points: int = Field(12, ge=2, description="hyperparameters per mode retrained for plots")
+    random_search: bool = Field(
+        True, description="also run random search, for as long as each mode took"
+    )
+    lr_range: tuple[float, float] = Field(
+        (1e-3, 1.0), description="random search's learning rates: [low, high], log-uniform"
+    )
+    momentum_range: tuple[float, float] = Field(
+        (0.0, 0.99), description="random search's momenta: [low, high], uniform"
+    )
+    weight_decay_range: tuple[float, float] = Field(
+        (1e-6, 1e-2), description="random search's weight decays: [low, high], log-uniform"
+    )
+    curve_points: int = Field(
+        12, ge=2, description="hyperparameters along each mode's path retrained for the plots"
+    )
 
     @field_validator("modes")
     @classmethod
@@ -315,7 +349,27 @@ def hyper_optimizer(task: Task, mode: str, hparams):
     )
 
 
-def learn(task: Task, mode: str, run, stage) -> dict:
+class Trajectory:
+    """A mode's hyperparameters after each update, with the wall and CPU time since the mode
+    began and the inner steps taken: the state a mode keeps beside its hyper-optimiser."""
+
+    def __init__(self, initial: dict[str, float]):
+        self.points = [{"elapsed": 0.0, "cpu": 0.0, "inner_step": 0, **initial}]
+        self.clock = Stopwatch()
+
+    def add(self, inner_step: int, hparams) -> dict:
+        """The point after an update (appended): where random search is compared."""
+        self.points.append({**self.clock.read(), "inner_step": inner_step, **readable(hparams)})
+        return self.points[-1]
+
+    def state_dict(self) -> dict:
+        return {"trajectory": self.points, "clock": self.clock.read()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.points, self.clock = state["trajectory"], Stopwatch(state["clock"])
+
+
+def learn(task: Task, mode: str, stage) -> dict:
     """Run one mode, continued from the stage's checkpoint if it was interrupted; returns its
     trajectory (hyperparameters after each update, with the wall time and inner steps at which
     they were reached) and how it ended."""
@@ -326,41 +380,25 @@ def learn(task: Task, mode: str, run, stage) -> dict:
         updates = config.total_real_time_steps // config.every
     else:
         updates = config.hyper_iterations
-    loop = hyper_optimizer(task, mode, hparams)
-    done, saved = stage.restore(loop)
-    trajectory = [{"elapsed": 0.0, "cpu": 0.0, "inner_step": 0, **initial}]
-    if saved is not None:
-        trajectory = saved["trajectory"]
-    status, bar = "completed", run.progress(total=updates, desc=mode)
-    bar.update(done)
-    clock = Stopwatch(None if saved is None else saved["clock"])
-    for iteration in range(done + 1, updates + 1):
-        try:
-            metrics = loop.step()
-        except (bilevel.InnerDivergenceError, bilevel.HypergradientError) as error:
-            status = f"diverged at update {iteration}: {error}"
-            run.log.info("%s: %s", mode, status)
-            break
-        point = {
-            **clock.read(),  # since the mode began: where random search is compared
-            "inner_step": metrics.get("inner_step", iteration * config.inner_steps),
-            **readable(hparams),
-        }
-        trajectory.append(point)
-        stage.metrics(**{"mode": mode, **metrics, **point})
-        stage.done(loop, iteration, updates, {"trajectory": trajectory, "clock": clock.read()})
-        bar.update()
-        bar.set_postfix(outer=f"{metrics['outer_loss']:.4f}", lr=f"{point['lr']:.3g}")
-    bar.close()
+    loop, trajectory = hyper_optimizer(task, mode, hparams), Trajectory(initial)
+
+    def line(metrics: dict) -> dict:
+        inner_step = metrics.get("inner_step", metrics["iteration"] * config.inner_steps)
+        return {"mode": mode, **metrics, **trajectory.add(inner_step, hparams)}
+
+    diverging = (bilevel.InnerDivergenceError, bilevel.HypergradientError)
+    steps = HyperSteps(loop, line, ("outer_loss", "lr"), trajectory, diverging, unit="update")
+    stage.loop(steps, updates, unit="update")
+    points, status = trajectory.points, steps.status or "completed"
     # On divergence the last update produced hyperparameters that cannot train; keep the
     # last ones whose run completed.
-    last = trajectory[-2] if status != "completed" and len(trajectory) > 1 else trajectory[-1]
+    last = points[-2] if status != "completed" and len(points) > 1 else points[-1]
     return {
         "mode": mode,
         "status": status,
-        **clock.read(),
+        **trajectory.clock.read(),
         "history": loop.history,
-        "trajectory": trajectory,
+        "trajectory": points,
         "final": pick(last),
     }
 
@@ -455,64 +493,52 @@ def pick(values: dict) -> dict[str, float]:
 
 
 def plot_hyperparameters(run, results, best):
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-    for axis, name in zip(axes, NAMES):
-        for result in results:
-            steps = [p["inner_step"] for p in result["trajectory"]]
-            axis.plot(steps, [p[name] for p in result["trajectory"]], label=result["mode"])
-        if best is not None:
-            axis.axhline(best[name], color="grey", linestyle="--", label="random search best")
-        axis.set_yscale("linear" if name == "momentum" else "log")
-        axis.set_xlabel("inner steps taken")
-        axis.set_title(name.replace("_", " "))
-    axes[0].legend()
-    run.plot(figure, "hyperparameters")
+    panels = []
+    for name in NAMES:
+        curves = [
+            Curve(r["mode"], [p["inner_step"] for p in r["trajectory"]],
+                  [p[name] for p in r["trajectory"]])
+            for r in results
+        ]  # fmt: skip
+        lines = {} if best is None else {"random search best": best[name]}
+        scale = "linear" if name == "momentum" else "log"
+        title = name.replace("_", " ")
+        panels.append(Panel(curves, "inner steps taken", title=title, yscale=scale, lines=lines))
+    run.plot(plots.figure(panels, width=13 / 3), "hyperparameters")
 
 
 def plot_validation(run, results):
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(5.5, 3.5))
-    for result in results:
-        # update k reports the loss of the w reached by then: trajectory point k (0 = start)
-        steps = [p["inner_step"] for p in result["trajectory"][1:]]
-        axis.plot(steps, [m["outer_loss"] for m in result["history"]], label=result["mode"])
-    axis.set_xlabel("inner steps taken")
-    axis.set_ylabel("validation loss of the current w")
-    axis.legend()
-    run.plot(figure, "validation_loss")
+    # update k reports the loss of the w reached by then: trajectory point k (0 = start)
+    curves = [
+        Curve(r["mode"], [p["inner_step"] for p in r["trajectory"][1:]],
+              [m["outer_loss"] for m in r["history"]])
+        for r in results
+    ]  # fmt: skip
+    panel = Panel(curves, "inner steps taken", "validation loss of the current w")
+    run.plot(plots.figure([panel], width=5.5), "validation_loss")
 
 
 def plot_wall_time(run, curves, trials):
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 2, figsize=(11, 3.5), sharey=True)
-    for axis, (clock, label) in zip(axes, (("elapsed", "wall time"), ("cpu", "CPU time"))):
+    panels = []
+    for clock, label in (("elapsed", "wall time"), ("cpu", "CPU time")):
+        lines = []
         for mode, points in curves.items():
             shown = [p for p in points if p["val_loss"] is not None]
-            axis.plot([p[clock] for p in shown], [p["val_loss"] for p in shown], "o-", label=mode)
+            losses = [p["val_loss"] for p in shown]
+            lines.append(Curve(mode, [p[clock] for p in shown], losses, "o-"))
         shown = [t for t in trials or [] if t["best_val_loss"] is not None]
         if shown:
-            times = [t[clock] for t in shown]
-            best = [t["best_val_loss"] for t in shown]
-            axis.step(times, best, where="post", label="random search, best so far")
-        axis.set_xlabel(f"{label} (s)")
-        axis.set_yscale("log")
-    axes[0].set_ylabel("f_T: validation loss after T steps")
-    axes[0].legend()
-    run.plot(figure, "wall_time")
+            times, best = [t[clock] for t in shown], [t["best_val_loss"] for t in shown]
+            lines.append(Curve("random search, best so far", times, best, steps=True))
+        ylabel = "f_T: validation loss after T steps" if not panels else None
+        panels.append(Panel(lines, f"{label} (s)", ylabel, yscale="log"))
+    run.plot(plots.figure(panels, width=5.5, sharey=True), "wall_time")
 
 
-def run_experiment(config: HparamsConfig, run, data_dir: Path | None, resume=None) -> None:
-    """Stages: one per mode, then random search in their time (bilevel.app.experiments.stages)."""
-    with stages.session("hparams", config, run, resume) as session:
-        _run_stages(session, run, data_dir)
-
-
-def _run_stages(session, run, data_dir) -> None:
-    config = session.config
+def run_experiment(config: HparamsConfig, run, data_dir: Path | None) -> None:
+    """Stages: one per mode, then random search in their time (bilevel.app.experiments.stages),
+    on the driver ``run``."""
+    session = stages.Stages(run)
     generator = seed_everything(config.seed)
     data = make_data(config, data_dir, generator)
     task = Task(config, data, generator)
@@ -530,7 +556,7 @@ def _run_stages(session, run, data_dir) -> None:
     def report(mode, result):
         run.log.info("%s: %s in %.1f s", mode, result["status"], result["elapsed"])
 
-    learned = session.map(config.modes, lambda mode, stage: learn(task, mode, run, stage), report)
+    learned = session.map(config.modes, lambda mode, stage: learn(task, mode, stage), report)
     results = list(learned.values())
     trials = None
     if config.random_search:
@@ -564,13 +590,13 @@ def _run_stages(session, run, data_dir) -> None:
 
 def log_row(run, row: dict) -> None:
     run.log.info(
-        "%s: lr %.3g, momentum %.3f, wd %.3g -> val %s, test acc %s (%.1f s, %.1f s CPU)",
+        "%s: lr %.3g, momentum %.3g, wd %.3g -> val %s, test acc %s (%.1f s, %.1f s CPU)",
         row["mode"],
         row["lr"],
         row["momentum"],
         row["weight_decay"],
-        row["val_loss"],
-        row["test_accuracy"],
+        rounded(row["val_loss"]),
+        rounded(row["test_accuracy"]),
         row["seconds"],
         row["cpu_seconds"],
     )
@@ -580,9 +606,14 @@ def log_row(run, row: dict) -> None:
                 "  random search in the same %s time (%d trials): val %s, test acc %s",
                 label,
                 row[f"random_trials{suffix}"],
-                row[f"random{suffix}"]["val_loss"],
-                row[f"random{suffix}"]["test_accuracy"],
+                rounded(row[f"random{suffix}"]["val_loss"]),
+                rounded(row[f"random{suffix}"]["test_accuracy"]),
             )
+
+
+def rounded(value: float | None) -> str:
+    """A number of a log line to 4 significant digits; "-" for none (a diverged run)."""
+    return "-" if value is None else f"{value:.4g}"
 
 
 EXPERIMENT = Experiment(
@@ -592,4 +623,5 @@ EXPERIMENT = Experiment(
     config=HparamsConfig,
     presets=PRESETS,
     run=run_experiment,
+    identity=partial(stages.identity, "hparams"),
 )

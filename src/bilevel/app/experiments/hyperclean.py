@@ -12,7 +12,7 @@ flagging corrupted examples (lambda_i ~ 0).
 
 from __future__ import annotations
 
-import warnings
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -23,10 +23,12 @@ from torch.nn import functional as F
 import bilevel
 from bilevel.constraints import L1Ball
 
+from .. import plots
 from ..data import load_mnist
 from . import Experiment, stages
 from .common import accuracy, f1_score, linear_logits, seed_everything, train_linear, zero_linear
-from .config import StagedConfig
+from .config import MEMORY_HELP, StagedConfig
+from .stages import HyperSteps
 
 CLASSES = 10
 Method = Literal[
@@ -35,30 +37,54 @@ Method = Literal[
 
 
 class HypercleanConfig(StagedConfig):
-    train: int = Field(5000, gt=0, description="training examples (some corrupted)")
-    validation: int = Field(5000, gt=0, description="clean validation examples")
+    train: int = Field(5000, gt=0, description="training examples (some with a wrong label)")
+    validation: int = Field(5000, gt=0, description="validation examples (all labels right)")
     test: int = Field(10000, gt=0, le=10000, description="test examples (MNIST test set)")
-    corrupted: int = Field(2500, ge=0, description="training labels replaced by a wrong one")
-    radii: list[float] = Field(
-        [1000, 1500, 2000, 2500], min_length=1, description="R in sum(lambda) <= R, one run each"
+    corrupted: int = Field(
+        2500, ge=0, description="training examples whose label is replaced by a wrong one"
     )
-    inner_lr: float = Field(0.1, gt=0)
-    inner_steps: int = Field(50, gt=0, description="T, per hyper-iteration")
-    method: Method = "reverse"
-    memory: Literal["graph", "trajectory", "checkpoint"] = "graph"
-    truncation: int = Field(25, gt=0, description="k of method 'truncated'")
-    warm_start: bool = Field(True, description="continue each inner run from the last w_T")
-    hyper_lr: float = Field(0.02, gt=0, description="Adam on lambda")
-    hyper_iterations: int = Field(200, gt=0)
-    retrain_steps: int = Field(2000, gt=0, description="GD steps of Baseline, Oracle, DH-R")
+    radii: list[float] = Field(
+        [1000, 1500, 2000, 2500],
+        min_length=1,
+        description="bounds on the sum of the example weights (each weight is in [0, 1]): one "
+        "run each",
+    )
+    inner_lr: float = Field(0.1, gt=0, description="learning rate of the model's training")
+    inner_steps: int = Field(
+        50, gt=0, description="gradient steps of the model's training per hyper-iteration"
+    )
+    method: Method = Field(
+        "reverse", description="how the hypergradient is computed (`bilevel methods`)"
+    )
+    memory: Literal["graph", "trajectory", "checkpoint"] = Field("graph", description=MEMORY_HELP)
+    truncation: int = Field(
+        25, gt=0, description="steps that method 'truncated' differentiates (the last ones)"
+    )
+    warm_start: bool = Field(
+        True, description="continue each training from the last one's model, not from zero"
+    )
+    hyper_lr: float = Field(0.02, gt=0, description="learning rate of Adam on the weights")
+    hyper_iterations: int = Field(200, gt=0, description="updates of the example weights")
+    retrain_steps: int = Field(
+        2000,
+        gt=0,
+        description="gradient steps of the models retrained for comparison (Baseline, Oracle, "
+        "DH-R)",
+    )
     flag_below: float = Field(
         0.5,
         gt=0,
         le=1,
-        description="flag example i when lambda_i < flag_below * R / train (its start value)",
+        description="an example is flagged as mislabelled when its weight ends below this "
+        "fraction of its starting weight",
     )
-    compare_methods: list[Method] = Field(["reverse", "truncated", "implicit-cg"])
-    compare_iterations: int = Field(20, ge=0, description="hyper-iterations per compared method")
+    compare_methods: list[Method] = Field(
+        ["reverse", "truncated", "implicit-cg"],
+        description="hypergradient methods timed against each other after the main run",
+    )
+    compare_iterations: int = Field(
+        20, ge=0, description="hyper-iterations per compared method (0: no comparison)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -161,7 +187,7 @@ def method_options(config: HypercleanConfig, method: str) -> dict:
     return {}
 
 
-def learn_weights(config, data, radius, run, stage, method, iterations, warm_start=None):
+def learn_weights(config, data, radius, stage, method, iterations, warm_start=None):
     """Projected Adam on the example weights, continued from the stage's checkpoint if it was
     interrupted; returns (weights, final inner params, loop)."""
     inner, outer = problem(data, radius)
@@ -180,19 +206,12 @@ def learn_weights(config, data, radius, run, stage, method, iterations, warm_sta
         constraints={"weights": L1Ball(radius, bound=1.0, nonnegative=True)},
         **method_options(config, method),
     )
-    done, _ = stage.restore(loop)
-    bar = run.progress(total=iterations, desc=stage.name)
-    bar.update(done)
-    for iteration in range(done + 1, iterations + 1):
-        with warnings.catch_warnings():  # an inexact implicit solve is logged, not printed
-            warnings.simplefilter("ignore", bilevel.SolverWarning)
-            metrics = loop.step()
+
+    def line(metrics: dict) -> dict:
         scores = f1_score(flagged(config, weights.detach(), radius), data["corrupted"])
-        stage.metrics(run=stage.name, radius=radius, method=method, **metrics, **scores)
-        stage.done(loop, iteration, iterations)
-        bar.update()
-        bar.set_postfix(outer=f"{metrics['outer_loss']:.4f}", f1=f"{scores['f1']:.3f}")
-    bar.close()
+        return {"run": stage.name, "radius": radius, "method": method, **metrics, **scores}
+
+    stage.loop(HyperSteps(loop, line, shown=("outer_loss", "f1")), iterations)
     return weights.detach(), loop.last.params, loop
 
 
@@ -223,7 +242,7 @@ def retrain(config, data, weights, radius) -> float:
     return accuracy(params, data["test_x"], data["test_y"])
 
 
-def compare_method(config, data, run, stage, method) -> dict:
+def compare_method(config, data, stage, method) -> dict:
     """One method for a few hyper-iterations at the largest radius: time and outcome.
 
     Implicit methods assume w_T near a minimum, so they continue from the last w_T
@@ -232,7 +251,7 @@ def compare_method(config, data, run, stage, method) -> dict:
     warm = True if method in ("implicit-cg", "implicit-neumann", "fixed-point") else None
     radius, iterations = max(config.radii), config.compare_iterations
     weights, _, loop = learn_weights(
-        config, data, radius, run, stage, method, iterations, warm_start=warm
+        config, data, radius, stage, method, iterations, warm_start=warm
     )
     return {
         "method": method,
@@ -244,10 +263,10 @@ def compare_method(config, data, run, stage, method) -> dict:
     }
 
 
-def learn_radius(config, data, run, stage, radius) -> dict:
+def learn_radius(config, data, stage, radius) -> dict:
     """The main run at one radius: its row (DH, DH-R, F1), the weights and the loss curve."""
     weights, params, loop = learn_weights(
-        config, data, radius, run, stage, config.method, config.hyper_iterations
+        config, data, radius, stage, config.method, config.hyper_iterations
     )
     row = {
         "radius": radius,
@@ -276,25 +295,14 @@ def plot_weights(run, results, data):
 
 
 def plot_curves(run, histories):
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(5, 3.5))
-    for radius, history in histories.items():
-        axis.plot([m["outer_loss"] for m in history], label=f"R = {radius:g}")
-    axis.set_xlabel("hyper-iteration")
-    axis.set_ylabel("validation loss of w_T")
-    axis.legend()
-    run.plot(figure, "outer_loss")
+    labelled = {f"R = {radius:g}": history for radius, history in histories.items()}
+    run.plot(plots.figure([plots.histories(labelled, "validation loss of w_T")]), "outer_loss")
 
 
-def run_experiment(config: HypercleanConfig, run, data_dir: Path | None, resume=None) -> None:
-    """Stages: the baselines, one per radius, one per compared method (bilevel stages)."""
-    with stages.session("hyperclean", config, run, resume) as session:
-        _run_stages(session, run, data_dir)
-
-
-def _run_stages(session, run, data_dir) -> None:
-    config = session.config
+def run_experiment(config: HypercleanConfig, run, data_dir: Path | None) -> None:
+    """Stages: the baselines, one per radius, one per compared method (bilevel stages), on
+    the driver ``run``."""
+    session = stages.Stages(run)
     generator = seed_everything(config.seed)
     data = make_data(config, data_dir, generator)
     run.log.info(
@@ -312,8 +320,8 @@ def _run_stages(session, run, data_dir) -> None:
         if name == "baselines":
             return baselines(config, data)
         if name in radii:
-            return learn_radius(config, data, run, stage, radii[name])
-        return compare_method(config, data, run, stage, compared[name])
+            return learn_radius(config, data, stage, radii[name])
+        return compare_method(config, data, stage, compared[name])
 
     def report(name, result):
         if name == "baselines":
@@ -344,4 +352,5 @@ EXPERIMENT = Experiment(
     config=HypercleanConfig,
     presets=PRESETS,
     run=run_experiment,
+    identity=partial(stages.identity, "hyperclean"),
 )

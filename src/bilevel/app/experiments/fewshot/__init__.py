@@ -12,37 +12,46 @@ from __future__ import annotations
 
 from functools import partial
 
-from .. import Experiment
+from .. import Experiment, Group
+from .commands import compare_command, export_command, test_command
 from .config import PRESETS, FewshotConfig, FewshotTestConfig
 from .evaluation import run_test, test_overrides
-from .train import Resume, prepare_resume, run_training, training_run
+from .identity import identity, older_identities
+from .train import run_training, training_run, upgrade
 
 __all__ = [
     "CLASSICAL",
+    "GROUP",
     "TEST",
     "TRAIN",
     "FewshotConfig",
     "FewshotTestConfig",
     "PRESETS",
-    "Resume",
-    "prepare_resume",
     "test_overrides",
     "training_run",
 ]
 
 TRAIN = Experiment(
     name="fewshot-train",
+    command="train",
     summary="Meta-train a representation: per-episode linear heads by T gradient steps.",
     config=FewshotConfig,
     presets=PRESETS,
-    run=partial(run_training, mode="bilevel", resume=None),
+    run=partial(run_training, mode="bilevel"),
+    identity=partial(identity, mode="bilevel"),
+    upgrade=upgrade,
+    older_identities=partial(older_identities, mode="bilevel"),
 )
 CLASSICAL = Experiment(
     name="fewshot-classical",
+    command="classical",
     summary="Train the same network single-level on all meta-training classes (E3 baseline).",
     config=FewshotConfig,
     presets=PRESETS,
-    run=partial(run_training, mode="classical", resume=None),
+    run=partial(run_training, mode="classical"),
+    identity=partial(identity, mode="classical"),
+    upgrade=upgrade,
+    older_identities=partial(older_identities, mode="classical"),
 )
 TEST = Experiment(
     name="fewshot-test",
@@ -50,4 +59,10 @@ TEST = Experiment(
     config=FewshotTestConfig,
     presets={},
     run=run_test,
+    build=test_command,
+)
+GROUP = Group(
+    "fewshot",
+    "Few-shot learning with a hyper-representation (train, classical, test, compare, export).",
+    (TRAIN, CLASSICAL, TEST, compare_command, export_command),
 )

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ... import checkpoints
+from ... import checkpoints, plots
 from ...runs import save_figure
 from .train import training_run
 
@@ -64,20 +64,15 @@ def validation_curve(run: Path, label: str | None = None) -> Curve:
 
 def plot_curves(curves: list[Curve], out: Path, title: str | None = None) -> Path:
     """Meta-validation accuracy against iterations (left) and training minutes (right)."""
-    import matplotlib.pyplot as plt
-
-    figure, (by_iteration, by_time) = plt.subplots(
-        1, 2, figsize=(11, 4.2), sharey=True, layout="constrained"
+    by_iteration = [plots.Curve(c.label, c.iterations, c.accuracy, ".-") for c in curves]
+    by_time = [plots.Curve(c.label, c.minutes, c.accuracy, ".-") for c in curves]
+    panels = [
+        plots.Panel(by_iteration, "training iteration", "meta-validation accuracy (%)"),
+        plots.Panel(by_time, "training minutes (as recorded)"),
+    ]
+    figure = plots.figure(
+        panels, width=5.5, height=4.2, sharey=True, title=title, legend_below=True
     )
-    for curve in curves:
-        line = by_iteration.plot(curve.iterations, curve.accuracy, marker=".", label=curve.label)
-        by_time.plot(curve.minutes, curve.accuracy, marker=".", color=line[0].get_color())
-    by_iteration.set_xlabel("training iteration")
-    by_time.set_xlabel("training minutes (as recorded)")
-    by_iteration.set_ylabel("meta-validation accuracy (%)")
-    figure.legend(loc="outside lower center", ncols=min(len(curves), 3), fontsize="small")
-    if title:
-        figure.suptitle(title)
     return save_figure(figure, out)
 
 

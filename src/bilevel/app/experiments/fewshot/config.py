@@ -6,7 +6,7 @@ from typing import ClassVar, Literal, get_args
 
 from pydantic import Field, model_validator
 
-from ..config import ExperimentConfig
+from ..config import MEMORY_HELP, ExperimentConfig
 
 # Classes per part of each split, and examples per class: what a config can ask for is checked
 # against these before any data is read.
@@ -22,7 +22,7 @@ IMAGES = {"omniglot": (1, 28), "miniimagenet": (3, 84)}  # channels, side
 # resumed with a larger budget, and tested with other test settings. (Meta-validation has its
 # own batch-norm mode, val_batch_norm, which is hashed: it decides which network is best.pt
 # and when training stops early.) The throughput settings (speed.py) change no number beyond
-# float32 rounding, so they are test settings too; representation_precision="bf16" changes
+# float32 rounding, so they are test settings too; network_precision="bf16" changes
 # the numbers and is hashed.
 SPEED_KEYS = frozenset({"memory_format", "fused_blocks", "episodes_on_device"})
 TEST_KEYS = SPEED_KEYS | frozenset(
@@ -31,7 +31,7 @@ TEST_KEYS = SPEED_KEYS | frozenset(
 NOT_HASHED = TEST_KEYS | {"iterations", "checkpoint_every"}
 # Settings added after runs were checkpointed, with the value that means "not used": at that
 # value they are left out of a checkpoint's identity, so the earlier runs still load.
-ADDED_LATER = {"init_from": None, "feature_norm": None, "representation_precision": "fp32"}
+ADDED_LATER = {"init_from": None, "feature_norm": None, "network_precision": "fp32"}
 # Episode settings a test may change: a representation trained on 5-way episodes tested on
 # 20-way ones, or a classical network on every cell.
 EPISODE_KEYS = frozenset({"ways", "shots", "queries"})
@@ -50,17 +50,37 @@ class FewshotConfig(ExperimentConfig):
     # the parts of the split whose classes must hold `ways` classes: training meta-trains and
     # meta-validates, and its episodes are tested later
     PARTS: ClassVar[tuple[str, ...]] = ("train", "val", "test")
+    PRESET_SUMMARIES: ClassVar[dict[str, str]] = {}  # filled below, beside PRESETS
 
-    dataset: Literal["omniglot", "miniimagenet"] = "omniglot"
-    split: Literal["paper", "vinyals", "ravi"] = "paper"
-    split_seed: int = Field(0, ge=0, description="seed of the Omniglot paper split / val hold-out")
-    train_classes: int | None = Field(None, gt=0, description="use only the first n (a slice)")
-    val_classes: int | None = Field(None, gt=0)
-    test_classes: int | None = Field(None, gt=0)
-    model: Literal["omniglot-conv", "miniimagenet-conv", "resnet-paper", "resnet12"] = (
-        "omniglot-conv"
+    dataset: Literal["omniglot", "miniimagenet"] = Field("omniglot", description="data set")
+    split: Literal["paper", "vinyals", "ravi"] = Field(
+        "paper",
+        description="which classes train, validate and test: the paper's Omniglot split, "
+        "Vinyals et al.'s Omniglot split, or Ravi and Larochelle's mini-ImageNet split",
     )
-    width: float = Field(1.0, gt=0, description="scales every layer's filters (1 = the paper)")
+    split_seed: int = Field(
+        0,
+        ge=0,
+        description="seed that draws the paper's Omniglot split, and the validation classes "
+        "held out where a split has none",
+    )
+    train_classes: int | None = Field(
+        None, gt=0, description="meta-train on the first this many classes only (none: all)"
+    )
+    val_classes: int | None = Field(
+        None, gt=0, description="meta-validate on the first this many classes only (none: all)"
+    )
+    test_classes: int | None = Field(
+        None, gt=0, description="meta-test on the first this many classes only (none: all)"
+    )
+    model: Literal["omniglot-conv", "miniimagenet-conv", "resnet-paper", "resnet12"] = Field(
+        "omniglot-conv",
+        description="the representation network: the paper's 4-layer convolutional networks "
+        "for Omniglot or mini-ImageNet, the paper's residual network, or ResNet-12",
+    )
+    width: float = Field(
+        1.0, gt=0, description="multiplies every layer's number of filters (1: the paper's)"
+    )
     init_from: str | None = Field(
         None,
         description="a training run directory (bilevel or classical) whose network (best.pt) "
@@ -69,42 +89,62 @@ class FewshotConfig(ExperimentConfig):
     feature_norm: float | None = Field(
         None,
         gt=0,
-        description="scale every feature vector to this norm: with a fixed inner lr this holds "
-        "the heads' effective step inner_lr * |features|^2 fixed (docs/experiments.md); None: "
-        "the paper's network",
+        description="rescale every feature vector to this length, so that a fixed inner_lr "
+        "takes steps of the same effective size whatever the network learns "
+        "(docs/experiments.md); none: the paper's network, unscaled",
     )
-    ways: int = Field(5, gt=0, description="N classes per episode")
-    shots: int = Field(1, gt=0, description="K support examples per class")
-    queries: int = Field(15, gt=0, description="query examples per class")
+    ways: int = Field(5, gt=0, description="classes per episode (5-way: 5)")
+    shots: int = Field(1, gt=0, description="training (support) examples per class and episode")
+    queries: int = Field(
+        15, gt=0, description="test (query) examples per class and episode, that score the head"
+    )
     meta_batch: int = Field(4, gt=0, description="episodes per meta-iteration")
-    inner_steps: int = Field(5, gt=0, description="T gradient steps on each episode's head")
-    inner_lr: float = Field(0.1, gt=0, description="initial value when learned")
-    learn_inner_lr: bool = Field(False, description="learn log(inner_lr) with the network")
+    inner_steps: int = Field(
+        5, gt=0, description="gradient steps that fit each episode's linear classifier (head)"
+    )
+    inner_lr: float = Field(
+        0.1, gt=0, description="learning rate of those steps (the starting value if learned)"
+    )
+    learn_inner_lr: bool = Field(
+        False, description="learn inner_lr together with the network (as its logarithm)"
+    )
     train_batch_norm: Literal["episode", "meta-batch"] = Field(
         "episode",
-        description="batch norm in meta-training. episode: each episode's support+query images "
-        "are normalised by their own statistics (as transductive testing does; a meta-batch "
-        "split over processes gives the same numbers); meta-batch: one batch-norm batch of the "
+        description="batch normalisation in meta-training. episode: the images of each "
+        "episode are normalised by their own statistics (as transductive testing does; a "
+        "meta-batch split over processes gives the same numbers); meta-batch: by those of the "
         "whole meta-batch (one process only)",
     )
-    memory: Literal["graph", "trajectory", "checkpoint"] = Field(
-        "graph", description="what reverse mode stores of the T inner steps"
+    memory: Literal["graph", "trajectory", "checkpoint"] = Field("graph", description=MEMORY_HELP)
+    outer_lr: float = Field(1e-3, gt=0, description="learning rate of Adam on the network")
+    lr_decay: float = Field(
+        1e-5,
+        ge=0,
+        description="decay of outer_lr: at iteration t it is outer_lr / (1 + lr_decay * t)",
     )
-    outer_lr: float = Field(1e-3, gt=0, description="Adam on the network")
-    lr_decay: float = Field(1e-5, ge=0, description="lr_t = outer_lr / (1 + lr_decay * t)")
-    iterations: int = Field(100_000, gt=0, description="meta-iterations (budget)")
+    iterations: int = Field(100_000, gt=0, description="meta-iterations to run at most")
     classical_batch: int | None = Field(
-        None, gt=0, description="images per step of `classical` (default: a meta-batch's)"
+        None,
+        gt=0,
+        description="images per step of `fewshot classical` (none: as many as a meta-batch has)",
     )
-    log_every: int = Field(10, gt=0, description="iterations per metrics.jsonl line")
-    validate_every: int = Field(1000, gt=0)
+    log_every: int = Field(10, gt=0, description="iterations per line of metrics.jsonl")
+    validate_every: int = Field(1000, gt=0, description="iterations between meta-validations")
     checkpoint_every: int | None = Field(
-        None, gt=0, description="iterations between checkpoints (default: at each validation)"
+        None, gt=0, description="iterations between checkpoints (none: at each validation)"
     )
-    val_episodes: int = Field(200, gt=0, description="fixed seeded meta-validation episodes")
-    patience: int = Field(20, gt=0, description="validations without improvement before stopping")
-    test_episodes: int = Field(600, gt=0)
-    test_steps: list[int] = Field([1, 3, 5, 10, 20], min_length=1, description="T ablation")
+    val_episodes: int = Field(
+        200, gt=0, description="meta-validation episodes (the same, seeded, at each validation)"
+    )
+    patience: int = Field(
+        20, gt=0, description="stop after this many validations without improvement"
+    )
+    test_episodes: int = Field(600, gt=0, description="meta-test episodes")
+    test_steps: list[int] = Field(
+        [1, 3, 5, 10, 20],
+        min_length=1,
+        description="the numbers of inner steps to test with (inner_steps is added)",
+    )
     val_batch_norm: BatchNormMode = Field(
         "transductive", description=f"batch norm at meta-validation. {_BATCH_NORM_HELP}"
     )
@@ -113,30 +153,30 @@ class FewshotConfig(ExperimentConfig):
         description=f"batch norm at meta-test (a test setting: any trained run takes any mode). "
         f"{_BATCH_NORM_HELP}",
     )
-    test_seed: int = Field(1, ge=0, description="seed of the test episodes")
+    test_seed: int = Field(1, ge=0, description="seed that draws the meta-test episodes")
     # throughput (speed.py; measured in docs/experiments.md, "Throughput")
     memory_format: Literal["auto", "channels_last", "contiguous"] = Field(
         "auto",
-        description="memory layout of the network's activations: channels_last (faster on a "
-        "CPU) or contiguous (NCHW); auto: channels_last on a CPU, contiguous on a GPU (not "
-        "measured there). The same numbers up to float32 rounding",
+        description="how the network's activations are laid out in memory: channels_last "
+        "(faster on a CPU) or contiguous; auto: channels_last on a CPU, contiguous on a GPU. "
+        "Results agree up to float32 rounding",
     )
     fused_blocks: bool = Field(
         True,
-        description="batch norm in training as one fused operation (statistics as accurate) "
-        "and max-pool before the activation (they commute): the same numbers up to float32 "
-        "rounding, several times fewer passes over memory; false: the reference formulation",
+        description="compute batch norm in one fused step and max-pool before the activation "
+        "(they commute): the same results up to float32 rounding, several times faster on a "
+        "CPU; false: the plain formulation",
     )
-    representation_precision: Literal["fp32", "bf16"] = Field(
+    network_precision: Literal["fp32", "bf16"] = Field(
         "fp32",
-        description="bf16: the network under autocast to bfloat16 (for a GPU's tensor cores; "
-        "slower on a CPU without them), its features cast to float32 for the heads, their "
-        "inner steps and the hypergradient. Changes the numbers: part of a checkpoint's identity",
+        description="bf16: run the network in bfloat16 (GPUs with tensor cores, CPUs with "
+        "AVX512-BF16), the heads, their inner steps and the hypergradient staying float32. It "
+        "changes the results, so a run keeps the precision it was trained with",
     )
     episodes_on_device: bool | None = Field(
         None,
-        description="keep each split on the device as uint8 and gather, rotate and scale each "
-        "meta-batch there (the same episodes as on the host); default: on a GPU only",
+        description="keep each image split on the device as 8-bit pixels and draw each "
+        "meta-batch there (the same episodes as drawn on the host); default: on a GPU only",
     )
 
     @model_validator(mode="after")
@@ -175,9 +215,11 @@ class FewshotConfig(ExperimentConfig):
 
 
 class FewshotTestConfig(FewshotConfig):
-    """The settings of a meta-test: its episodes come from the test classes alone."""
+    """The settings of a meta-test: its episodes come from the test classes alone, and only the
+    test and episode settings may differ from the trained run's."""
 
     PARTS: ClassVar[tuple[str, ...]] = ("test",)
+    SETTABLE: ClassVar[frozenset[str] | None] = TEST_KEYS | EPISODE_KEYS
 
 
 def _preset(dataset: str, ways: int, shots: int) -> dict:
@@ -237,3 +279,27 @@ PRESETS["quick"] = {
     "patience": 5,
     "test_episodes": 200,
 }
+
+NAMES = {"omniglot": "Omniglot", "miniimagenet": "mini-ImageNet"}
+NETWORKS = {
+    "omniglot-conv": "the paper's 4-layer convolutional network",
+    "miniimagenet-conv": "the paper's 4-layer convolutional network",
+    "resnet-paper": "the paper's residual network",
+    "resnet12": "ResNet-12",
+}
+
+
+def _summary(settings: dict) -> str:
+    """One line on a paper preset: its data set, episodes and network."""
+    cell = f"{settings['ways']}-way {settings['shots']}-shot episodes"
+    return f"{NAMES[settings['dataset']]}, {cell}, {NETWORKS[settings['model']]}"
+
+
+FewshotConfig.PRESET_SUMMARIES.update({name: _summary(preset) for name, preset in PRESETS.items()})
+FewshotConfig.PRESET_SUMMARIES["omniglot-20w1s-mb16"] = (
+    "Omniglot, 20-way 1-shot episodes, 16 a meta-batch, outer_lr 3e-4: the recipe that matched "
+    "the paper in every Omniglot cell (test each with --set ways=... --set shots=...)"
+)
+FewshotConfig.PRESET_SUMMARIES["quick"] = (
+    "Omniglot, 5-way 1-shot episodes, 600 iterations: minutes on 2 CPU cores"
+)

@@ -9,8 +9,9 @@ import torch
 
 from ...data import ClassSet
 from ..common import seed_everything
+from ..config import unknown_setting
 from . import weights
-from .config import EPISODE_KEYS, TEST_KEYS, FewshotConfig
+from .config import FewshotConfig, FewshotTestConfig
 from .data import class_sets, episodes
 from .identity import as_trained, load_checkpoint
 from .learners import Learner, confidence, evaluate
@@ -20,10 +21,13 @@ EPISODES_PER_DRAW = 20  # episodes sampled at once; the heads of a draw are trai
 
 
 def test_overrides(assignments) -> None:
-    """Only test settings may change between training and testing."""
-    allowed = TEST_KEYS | EPISODE_KEYS
+    """Only test settings may change between training and testing; a key that is no setting at
+    all is named with the closest test setting."""
+    allowed = FewshotTestConfig.SETTABLE
     for assignment in assignments:
         key = assignment.partition("=")[0].strip()
+        if key not in FewshotConfig.model_fields:
+            raise ValueError(f"--set {key}: {unknown_setting(key, allowed)}")
         if key not in allowed:
             raise ValueError(f"--set {key}: only {', '.join(sorted(allowed))} can be set here")
 

@@ -18,6 +18,11 @@ def identity(config: FewshotConfig, mode: str) -> dict:
     return {**config.hashed(), "mode": mode}
 
 
+def older_identities(config: FewshotConfig, mode: str) -> list[dict]:
+    """What earlier versions bound a run of ``config`` and ``mode`` to (for Experiment)."""
+    return [legacy_identity(config, mode)]
+
+
 def legacy_identity(config: FewshotConfig, mode: str) -> dict:
     """The identity of checkpoints written before ``val_batch_norm`` existed: validation then
     used ``test_batch_norm``, which was bound under that name."""

@@ -14,7 +14,7 @@ Each option is a setting of :class:`~.config.FewshotConfig` (docs/experiments.md
   (b) max-pool before the activation (:func:`pool_before_activation`): max-pool commutes with
   any non-decreasing function, so ReLU and leaky ReLU run on a quarter of the values. Same
   forward values; the same gradient except where two values of a pooling window tie.
-- ``representation_precision="bf16"``: the representation under ``torch.autocast`` to
+- ``network_precision="bf16"``: the representation under ``torch.autocast`` to
   bfloat16; its features are cast to float32, so the heads, their inner steps and the
   hypergradient stay float32. It changes the numbers (8 significant bits), so it is part of a
   checkpoint's identity.
@@ -86,11 +86,9 @@ class Speed:
     def of(cls, config) -> Speed:
         """The options of a FewshotConfig on its device (``auto`` resolved there)."""
         device = torch.device(config.device)
-        lowered = PRECISIONS[config.representation_precision]
+        lowered = PRECISIONS[config.network_precision]
         if lowered is not None and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError(
-                "representation_precision='bf16': this GPU has no bfloat16; use 'fp32'"
-            )
+            raise ValueError("network_precision='bf16': this GPU has no bfloat16; use 'fp32'")
         huge_pages, kept_heap = tune_allocator()
         return cls(
             channels_last=channels_last(config.memory_format, device),

@@ -1,15 +1,15 @@
-"""The training loop of both learners: validation, early stopping, checkpoints, exact resume.
+"""What both learners train with: the driver's steppable (one meta-iteration a step),
+validation, early stopping and the checkpoint layout.
 
 Every ``validate_every`` iterations the network is evaluated on fixed seeded meta-validation
 episodes (the test protocol at T = inner_steps); the best one is kept in ``best.pt`` and
 training stops after ``patience`` validations without improvement. ``checkpoint.pt`` holds
 everything the next iteration depends on (network, optimiser, schedule, sampler and RNG
-states, the pending metrics window and the metrics lines so far), so a resumed run continues
-with the same numbers. A Ctrl-C or SIGTERM is honoured between iterations, after writing a
-checkpoint; a process killed outright (SIGKILL, a lost node) loses at most the iterations since
-the last checkpoint (``checkpoint_every``), and ``--resume`` (or ``BILEVEL_RESUME=auto``, or a
-torchrun restart) continues from it. A non-finite loss or hypergradient stops the run before
-the optimiser step, keeping the last good checkpoint.
+states, the pending metrics window, and the metrics lines so far), so a resumed run continues
+with the same numbers. The loop, stop requests, checkpoints, divergence stops and the summary
+are the driver's (bilevel.app.driver): a process killed outright loses at most the iterations
+since the last checkpoint (``checkpoint_every``), and a non-finite loss or hypergradient stops
+the run before the optimiser step, keeping the last good checkpoint.
 
 Under torchrun the episodes of each meta-batch are split over the processes and the gradients
 averaged (bilevel.app.distributed); only rank 0 writes files. See docs/distributed.md.
@@ -18,12 +18,11 @@ averaged (bilevel.app.distributed); only rank 0 writes files. See docs/distribut
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
-import signal
-import threading
 import time
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,50 +31,31 @@ import torch
 
 from bilevel import BilevelError, HypergradientError, InnerDivergenceError
 
-from ... import checkpoints, distributed
+from ... import checkpoints, distributed, plots
+from ...checkpoints import BEST, CHECKPOINT
 from ...data import Episodes
-from ...runs import remove_partial_writes
+from ...driver import Diverged, MovingAverage, Position
+from ...plots import Curve, Panel
 from ..common import seed_everything
 from .config import FewshotConfig
 from .data import ImageSampler, class_sets, episodes
-from .identity import identity, load_checkpoint
 from .learners import Learner, classical_loss, confidence, evaluate, meta_loss, norm_statistics
 
-CHECKPOINT, BEST = "checkpoint.pt", "best.pt"
 VALIDATION_SEED = 7919  # mixed with the run's seed: validation episodes differ from training's
 
 
 class TrainingError(BilevelError):
-    """A run that cannot go on: it diverged, or its processes do not fit its settings.
-
-    The command line reports it in one line (exit 1), like every BilevelError; the last good
-    checkpoint is kept.
-    """
+    """Settings that do not fit the run's processes (the command line reports it in one line)."""
 
 
-class _Diverged(Exception):
-    """A non-finite loss or hypergradient in this iteration (all ranks raise it together)."""
-
-
-@dataclass
-class Resume:
-    """What a resumed run starts from: a verified checkpoint and the metrics lines before it."""
-
-    state: dict
-    lines: list[dict] = field(default_factory=list)
-
-
-def prepare_resume(config: FewshotConfig, out: Path, mode: str) -> Resume:
-    """Read and verify ``out``'s checkpoint before anything in ``out`` is overwritten."""
-    path = Path(out) / CHECKPOINT
-    if not path.is_file():
-        raise checkpoints.CheckpointError(f"--resume: no {CHECKPOINT} in {out}")
-    state = load_checkpoint(path, config, mode)
-    lines = state.get("history")
-    if lines is None:  # a checkpoint without its metrics lines: read them from metrics.jsonl
-        lines = _metrics_lines(Path(out) / "metrics.jsonl")
-    done = state["progress"]["iteration"]
-    return Resume(state, [x for x in lines if x.get("iteration", 0) <= done])
+def upgrade(state: dict, out: Path) -> dict:
+    """A checkpoint of an older version, which kept no metrics lines: they are read from the
+    run's metrics.jsonl (before the resumed run rewrites it), up to the checkpoint's iteration."""
+    if state.get("history") is None:
+        done = state["progress"]["iteration"]
+        lines = _metrics_lines(out / "metrics.jsonl")
+        state = {**state, "history": [x for x in lines if x.get("iteration", 0) <= done]}
+    return state
 
 
 def _metrics_lines(path: Path) -> list[dict]:
@@ -91,6 +71,8 @@ def _metrics_lines(path: Path) -> list[dict]:
 
 @dataclass
 class Trainer:
+    """One learner's training, as the driver's steppable (bilevel.app.driver.Steppable)."""
+
     config: FewshotConfig
     mode: str  # "bilevel" or "classical"
     learner: Learner
@@ -100,13 +82,14 @@ class Trainer:
     val_classes: object
     progress: dict
     group: distributed.Group = field(default_factory=distributed.Group)
-    history: list[dict] = field(default_factory=list)  # the metrics lines so far
-    saved_at: int | None = None  # the iteration of the last checkpoint written or read
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("bilevel.fewshot"))
+    keep_best: Callable[[dict], None] | None = None  # writes best.pt (the driver's checkpoint)
+    query_accuracy: MovingAverage = field(default_factory=MovingAverage)  # for the bar
+    last_loss: float = math.nan
 
-    def step(self, stop: bool = False) -> tuple[float, float, bool]:
-        """One training iteration: (loss, accuracy) of its whole batch, and whether any rank
-        was asked to stop. Raises _Diverged, on every rank, before the optimiser step when the
-        loss or a gradient is not finite."""
+    def train_step(self) -> tuple[float, float]:
+        """One optimiser step: (loss, accuracy) of its whole batch. Raises Diverged, on every
+        rank, before the optimiser step when the loss or a gradient is not finite."""
         group = self.group
         self.optimizer.zero_grad(set_to_none=True)
         detail, loss_value, accuracy_value = None, 0.0, 0.0
@@ -131,23 +114,81 @@ class Trainer:
                 detail = f"the outer (query) loss is {loss_value}"
         except (InnerDivergenceError, HypergradientError) as error:
             detail = str(error)
-        # one all-reduce: the batch's loss and accuracy, stop requests, divergence
+        # one all-reduce: the batch's loss and accuracy, and divergence on any rank
         status = torch.tensor(
-            [loss_value, accuracy_value, float(stop), float(detail is not None)],
+            [loss_value, accuracy_value, float(detail is not None)],
             dtype=torch.float64,
             device=group.device,
         )
         group.sum(status)
-        if status[3] > 0:
-            raise _Diverged(group.first_message(detail))
+        if status[2] > 0:
+            raise Diverged(group.first_message(detail))
         grads = [p.grad for p in self.learner.parameters() if p.grad is not None]
         group.average(grads)  # each rank's loss is its share's mean: the mean is the batch's
         if not all(bool(torch.isfinite(g).all()) for g in grads):
-            raise _Diverged("the hypergradient of the network is not finite")
+            raise Diverged("the hypergradient of the network is not finite")
         self.optimizer.step()
         self.schedule.step()
         group.average(norm_statistics(self.learner.net))  # one update by all episodes
-        return float(status[0]) / group.size, float(status[1]) / group.size, bool(status[2])
+        return float(status[0]) / group.size, float(status[1]) / group.size
+
+    def step(self) -> dict | None:
+        """One iteration; every ``log_every`` iterations, the metrics line of their window."""
+        began = time.perf_counter()
+        loss, accuracy = self.train_step()
+        progress = self.progress
+        progress["iteration"] += 1
+        progress["window"].append([loss, accuracy, time.perf_counter() - began])
+        self.query_accuracy.add(100 * accuracy)  # percent, as the lines and plots
+        self.last_loss = loss
+        if progress["iteration"] % self.config.log_every == 0:
+            return self._window_line()
+        return None
+
+    def _window_line(self) -> dict:
+        window = np.array(self.progress["window"])
+        self.progress["window"] = []
+        return {
+            "kind": "train",
+            "iteration": self.progress["iteration"],
+            "loss": float(window[:, 0].mean()),
+            "accuracy": 100 * float(window[:, 1].mean()),  # percent, as validation and test
+            "outer_lr": self.optimizer.param_groups[0]["lr"],
+            "inner_lr": self.learner.inner_lr(),
+            "seconds": float(window[:, 2].mean()),
+        }
+
+    def evaluate(self) -> dict:
+        """Meta-validation: its line; keeps the best network (best.pt) and counts patience."""
+        progress, began = self.progress, time.perf_counter()
+        accuracy, ci95 = self.validate()
+        improved = accuracy > progress["best_accuracy"]
+        if improved:
+            progress.update(
+                best_accuracy=accuracy, best_ci95=ci95, best_iteration=progress["iteration"]
+            )
+            progress["stale"] = 0
+            if self.keep_best is not None:
+                self.keep_best({"learner": self.learner.state_dict(), "progress": dict(progress)})
+        else:
+            progress["stale"] += 1
+            if progress["stale"] >= self.config.patience:
+                progress["stopped"] = f"no improvement in {progress['stale']} validations"
+        self.log.info(
+            "iteration %d: validation accuracy %.2f ± %.2f%s",
+            progress["iteration"],
+            accuracy,
+            ci95,
+            " (best)" if improved else "",
+        )
+        return {
+            "kind": "val",
+            "iteration": progress["iteration"],
+            "accuracy": accuracy,
+            "ci95": ci95,
+            "best": improved,
+            "seconds": time.perf_counter() - began,
+        }
 
     def validate(self) -> tuple[float, float]:
         rng = np.random.default_rng([self.config.seed, VALIDATION_SEED])
@@ -168,11 +209,26 @@ class Trainer:
         if group.size > 1:
             failure = group.first_message(failure) or None
         if failure is not None:
-            raise _Diverged(failure)
+            raise Diverged(failure)
         return confidence(group.fill(torch.from_numpy(correct)).numpy())
 
-    def state(self) -> dict:
+    def stop_reason(self) -> str | None:
+        return self.progress["stopped"]
+
+    def bar(self) -> dict[str, float]:
+        return {"query_acc": self.query_accuracy.value, "loss": self.last_loss}
+
+    def summary(self) -> dict:
         return {
+            "iterations": self.progress["iteration"],
+            **best_so_far(self.progress),
+            "inner_lr": self.learner.inner_lr(),
+        }
+
+    def state_dict(self) -> dict:
+        """Everything the next iteration depends on; never a non-finite weight or statistic
+        (raises Diverged)."""
+        state = {
             "learner": self.learner.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
@@ -180,10 +236,17 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
             "progress": self.progress,
-            "history": self.history,
         }
+        bad = [
+            k
+            for k, v in state["learner"].items()
+            if v.is_floating_point() and not bool(torch.isfinite(v).all())
+        ]
+        if bad:
+            raise Diverged(f"non-finite values in {', '.join(bad[:3])}")
+        return state
 
-    def restore(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> None:
         self.learner.load_state_dict(state["learner"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -191,21 +254,6 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         self.progress = state["progress"]
-        self.saved_at = self.progress["iteration"]
-
-    def save(self, out: Path) -> None:
-        """Write checkpoint.pt (rank 0), never with a non-finite weight or statistic."""
-        state = self.state()
-        bad = [
-            k
-            for k, v in state["learner"].items()
-            if v.is_floating_point() and not bool(torch.isfinite(v).all())
-        ]
-        if bad:
-            raise _Diverged(f"non-finite values in {', '.join(bad[:3])}")
-        if self.group.main:
-            checkpoints.save(out / CHECKPOINT, state, identity(self.config, self.mode))
-        self.saved_at = self.progress["iteration"]
 
 
 def build(
@@ -247,7 +295,7 @@ def build(
         "window": [],
     }
     return Trainer(
-        config, mode, learner, optimizer, schedule, sampler, sets["val"], progress, group
+        config, mode, learner, optimizer, schedule, sampler, sets["val"], progress, group, log
     )
 
 
@@ -309,154 +357,42 @@ def _check_split(config: FewshotConfig, mode: str, processes: int) -> None:
         raise TrainingError(f"{name}={batch} does not split evenly over {processes} processes")
 
 
-def run_training(config: FewshotConfig, run, data_dir, mode: str, resume: Resume | None) -> None:
-    group = distributed.init(config.device)
-    try:
-        _train(config, run, data_dir, mode, resume, group)
-    finally:
-        group.close()
-
-
-def _train(config, run, data_dir, mode: str, resume: Resume | None, group) -> None:
-    # resume: read before the run's files were opened (--resume, or BILEVEL_RESUME=auto and
-    # torchrun restarts: bilevel.app.cli)
-    if group.main:
-        remove_partial_writes(run.out)
-    trainer = build(config, data_dir, mode, run.log, group, fresh=resume is None)
-    if group.size > 1:
-        run.log.info("%d processes (%s), rank 0 of them logs", group.size, group.device)
+def run_training(config: FewshotConfig, run, data_dir, mode: str) -> None:
+    """Train one learner on the driver ``run`` (bilevel.app.driver.Driver), continuing from
+    ``run.resume`` (the checkpoint read before the run's files were opened)."""
+    resume = run.resume
+    trainer = build(config, data_dir, mode, run.log, run.group, fresh=resume is None)
+    trainer.keep_best = lambda state: run.checkpoint(state, name=BEST)
+    position = Position()
     if resume is not None:
-        trainer.restore(resume.state)
-        trainer.history = list(resume.lines)
-        for line in trainer.history:
-            run.metrics(**line)
-        run.log.info("resumed at iteration %d", trainer.progress["iteration"])
-    group.agree(trainer.progress["iteration"], "the iteration to start from")
+        position = Position(resume["progress"]["iteration"], list(resume["history"]), resume)
+        run.kept = f"{CHECKPOINT} keeps iteration {position.step}"
+        run.rewrite(position.lines)
     net = trainer.learner.net
     run.update(
         mode=mode,
         parameters=sum(p.numel() for p in net.parameters()),
         features=net.out_features,
-        processes=group.size,
+        processes=run.group.size,
     )
+
+    def save(at: Position) -> None:
+        run.checkpoint({**at.state, "history": at.lines}, kept=f"iteration {at.step}")
+
     try:
-        with _stop_requests() as stop:
-            _loop(trainer, run, stop)
-    finally:
-        _summarise(trainer, run)
-        if trainer.history:
-            plot_curves(run, trainer.history)
-
-
-def _loop(trainer: Trainer, run, stop: threading.Event) -> None:
-    config, progress, out = trainer.config, trainer.progress, run.out
-    bar = run.progress(total=config.iterations, desc=trainer.mode)
-    bar.update(progress["iteration"])
-    running = None
-    every = config.checkpoint_every or config.validate_every
-    while progress["iteration"] < config.iterations and progress["stopped"] is None:
-        began = time.perf_counter()
-        try:
-            loss, accuracy, stopping = trainer.step(stop.is_set())
-        except _Diverged as error:
-            _diverged(trainer, progress["iteration"] + 1, error)
-        progress["iteration"] += 1
-        progress["window"].append([loss, accuracy, time.perf_counter() - began])
-        running = accuracy if running is None else 0.98 * running + 0.02 * accuracy
-        bar.update()
-        bar.set_postfix(query_acc=f"{running:.3f}", loss=f"{loss:.3f}")
-        i = progress["iteration"]
-        if i % config.log_every == 0:
-            _log_window(trainer, run)
-        try:
-            if i % config.validate_every == 0:
-                _validation(trainer, run)
-            if i % config.validate_every == 0 or i % every == 0 or stopping:
-                trainer.save(out)
-        except _Diverged as error:
-            _diverged(trainer, i, error)
-        if stopping:
-            raise KeyboardInterrupt
-    bar.close()
-    if trainer.saved_at != progress["iteration"]:
-        trainer.save(out)
-
-
-def _diverged(trainer: Trainer, iteration: int, error: _Diverged):
-    """Stop with one line; the checkpoint on disk is the last good one."""
-    trainer.progress["stopped"] = f"diverged at iteration {iteration}"
-    kept = (
-        f"{CHECKPOINT} keeps iteration {trainer.saved_at}"
-        if trainer.saved_at is not None
-        else "no checkpoint was written"
-    )
-    raise TrainingError(
-        f"diverged at iteration {iteration}: {error}; stopped without saving ({kept})"
-    ) from None
-
-
-def _log_window(trainer: Trainer, run) -> None:
-    window = np.array(trainer.progress.pop("window"))
-    trainer.progress["window"] = []
-    line = {
-        "kind": "train",
-        "iteration": trainer.progress["iteration"],
-        "loss": float(window[:, 0].mean()),
-        "accuracy": 100 * float(window[:, 1].mean()),  # percent, as validation and test
-        "outer_lr": trainer.optimizer.param_groups[0]["lr"],
-        "inner_lr": trainer.learner.inner_lr(),
-        "seconds": float(window[:, 2].mean()),
-    }
-    run.metrics(**line)
-    trainer.history.append(line)
-
-
-def _validation(trainer: Trainer, run) -> None:
-    progress = trainer.progress
-    began = time.perf_counter()
-    accuracy, ci95 = trainer.validate()
-    improved = accuracy > progress["best_accuracy"]
-    if improved:
-        progress.update(
-            best_accuracy=accuracy, best_ci95=ci95, best_iteration=progress["iteration"]
+        run.loop(
+            trainer,
+            config.iterations,
+            name=mode,
+            unit="iteration",
+            start=position,
+            save=save,
+            checkpoint_every=config.checkpoint_every or config.validate_every,
+            evaluate_every=config.validate_every,
         )
-        progress["stale"] = 0
-        best = {"learner": trainer.learner.state_dict(), "progress": dict(progress)}
-        if trainer.group.main:
-            checkpoints.save(run.out / BEST, best, identity(trainer.config, trainer.mode))
-    else:
-        progress["stale"] += 1
-        if progress["stale"] >= trainer.config.patience:
-            progress["stopped"] = f"no improvement in {progress['stale']} validations"
-    line = {
-        "kind": "val",
-        "iteration": progress["iteration"],
-        "accuracy": accuracy,
-        "ci95": ci95,
-        "best": improved,
-        "seconds": time.perf_counter() - began,
-    }
-    run.metrics(**line)
-    trainer.history.append(line)
-    run.log.info(
-        "iteration %d: validation accuracy %.2f ± %.2f%s",
-        progress["iteration"],
-        accuracy,
-        ci95,
-        " (best)" if improved else "",
-    )
-    _summarise(trainer, run)
-
-
-def _summarise(trainer: Trainer, run) -> None:
-    p = trainer.progress
-    budget_spent = p["iteration"] >= trainer.config.iterations
-    run.update(
-        iterations=p["iteration"],
-        **best_so_far(p),
-        stopped=p["stopped"] or ("budget" if budget_spent else None),  # None: may resume
-        inner_lr=trainer.learner.inner_lr(),
-    )
+    finally:
+        if position.lines:
+            plot_curves(run, position.lines)
 
 
 def best_so_far(progress: dict) -> dict:
@@ -470,37 +406,11 @@ def best_so_far(progress: dict) -> dict:
     }
 
 
-@contextmanager
-def _stop_requests():
-    """SIGINT and SIGTERM set an event the loop checks between iterations; a second SIGINT
-    interrupts at once."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def request(signum, frame):
-        if stop.is_set() and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        stop.set()
-
-    previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
 def plot_curves(run, history: list[dict]) -> None:
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 3.5))
+    curves = []
     for kind, label in (("train", "meta-train query (window mean)"), ("val", "meta-validation")):
         points = [(x["iteration"], x["accuracy"]) for x in history if x.get("kind") == kind]
         if points:
-            axis.plot(*zip(*points), label=label, marker="o" if kind == "val" else None)
-    axis.set_xlabel("iteration")
-    axis.set_ylabel("accuracy (%)")
-    axis.legend()
-    run.plot(figure, "learning_curve")
+            curves.append(Curve(label, *zip(*points), style="o-" if kind == "val" else "-"))
+    panel = Panel(curves, "iteration", "accuracy (%)")
+    run.plot(plots.figure([panel], width=6), "learning_curve")

@@ -10,7 +10,7 @@ import torch
 
 import bilevel
 from bilevel import stochastic
-from tests.test_stochastic import RESUME_SETTINGS
+from tests.test_stochastic import RESUME_SETTINGS, vector
 from tests.test_stochastic import (
     test_a_killed_run_continues_with_the_same_numbers as resumes_exactly,
 )
@@ -23,10 +23,6 @@ def problem():
     return stochastic.QuadraticProblem(
         n_inner=64, n_outer=32, dim_inner=5, dim_outer=3, mu_inner=0.2, smooth_inner=1.0
     )
-
-
-def vector(seed, size):
-    return torch.randn(size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
 FULL = {"inner_batch": 64, "outer_batch": 32}

@@ -282,21 +282,29 @@ class SavedTensors:
 
     def storages(self) -> dict:
         """{storage: bytes} of the recorded tensors: views of one storage count once."""
-        found = {}
-        for record in list(self.records):
-            tensor = record.tensor
-            try:
-                storage = tensor.untyped_storage()
-                found[(tensor.device, storage.data_ptr())] = storage.nbytes()
-            except (RuntimeError, NotImplementedError):  # no plain storage (a wrapper subclass)
-                found[id(tensor)] = tensor.numel() * tensor.element_size()
-        return found
+        return {storage_key(t): _storage_bytes(t) for t in self.tensors()}
 
     def bytes_not_in(self, other: SavedTensors) -> int:
         """Bytes of the storages recorded here and not in `other` (alive together: no address
         is shared): what one step adds beyond what persists across steps (data)."""
         before = other.storages()
         return sum(size for key, size in self.storages().items() if key not in before)
+
+
+def storage_key(tensor: Tensor):
+    """What identifies the memory a tensor lives in: (device, address) of its storage, or the
+    tensor itself where it has no plain storage (a wrapper subclass)."""
+    try:
+        return (tensor.device, tensor.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):
+        return id(tensor)
+
+
+def _storage_bytes(tensor: Tensor) -> int:
+    try:
+        return tensor.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError):
+        return tensor.numel() * tensor.element_size()
 
 
 class _Saved:

@@ -32,7 +32,16 @@ from torch import Tensor
 
 from .. import validate
 from ..errors import HypergradientWarning
-from .problem import Flat, Init, InnerProblem, RandomState, SavedTensors, leaves, vjp
+from .problem import (
+    Flat,
+    Init,
+    InnerProblem,
+    RandomState,
+    SavedTensors,
+    leaves,
+    storage_key,
+    vjp,
+)
 
 MEMORY_POLICIES = ("graph", "trajectory", "checkpoint", "activations")
 
@@ -89,7 +98,7 @@ class StateStore:
     """
 
     def __init__(self, like: Flat, count: int):
-        self.buffers = [v.new_empty((count, *v.shape)) for v in like]
+        self.buffers = rows_like(like, count)
         self.steps: list[int] = []
         generator = torch.get_rng_state()  # the CPU generator's states: one buffer too
         self.cpu_random = generator.new_empty((count, *generator.shape))
@@ -118,6 +127,11 @@ class StateStore:
                     z_start, hparams, self.steps[j], length, graph=True, check=False
                 )
             yield z_start, z_end
+
+
+def rows_like(like: Flat, count: int) -> list[Tensor]:
+    """One buffer [count, *shape] per state tensor: `count` states in one allocation each."""
+    return [v.new_empty((count, *v.shape)) for v in like]
 
 
 class ActivationStore:
@@ -152,7 +166,7 @@ class ActivationStore:
         """The step's start state as leaves in its row of buffers allocated once (as the
         trajectory's states: small kept copies would fragment the heap as well)."""
         if not self.states:
-            self.states = [v.new_empty((self.count, *v.shape)) for v in z]
+            self.states = rows_like(z, self.count)
         row = len(self.kept)
         for buffer, v in zip(self.states, z):
             buffer[row].copy_(v)
@@ -197,7 +211,7 @@ class Arena:
     def fitting(cls, first: SavedTensors, second: SavedTensors, rows: int) -> Arena | None:
         """An arena for what `second` saved that `first` did not (None: nothing to place)."""
         persistent = set(first.storages())
-        fresh = [t for t in second.tensors() if _storage_key(t) not in persistent]
+        fresh = [t for t in second.tensors() if storage_key(t) not in persistent]
         if rows < 1 or not fresh or len({t.device for t in fresh}) > 1:
             return None
         row_bytes = sum(_slot(t) for t in {_identity(t): t for t in fresh}.values())
@@ -213,7 +227,7 @@ class Arena:
 
         def pack(tensor: Tensor) -> Tensor:
             nonlocal offset
-            if (tensor.is_leaf and tensor.requires_grad) or _storage_key(tensor) in self.persistent:
+            if (tensor.is_leaf and tensor.requires_grad) or storage_key(tensor) in self.persistent:
                 return tensor  # a state or hyperparameter leaf, or data
             identity = _identity(tensor)
             if identity in slots:
@@ -235,15 +249,8 @@ def _unpacked(tensor: Tensor) -> Tensor:
     return tensor
 
 
-def _storage_key(tensor: Tensor):
-    try:
-        return (tensor.device, tensor.untyped_storage().data_ptr())
-    except (RuntimeError, NotImplementedError):  # no plain storage (a wrapper subclass)
-        return id(tensor)
-
-
 def _identity(tensor: Tensor) -> tuple:
-    return (_storage_key(tensor), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+    return (storage_key(tensor), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
 
 
 def _slot(tensor: Tensor) -> int:
